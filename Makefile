@@ -1,0 +1,47 @@
+# Two commands for a fresh machine: `make demo` and `make test`. Everything installs into .venv.
+SHELL := /bin/bash
+VENV  ?= .venv
+BIN   := $(VENV)/bin
+PY    := $(BIN)/python
+STAMP := $(VENV)/.glr_installed
+OUT   ?= demo_out
+
+.PHONY: install demo test nbtest pytest docs clean-check bench
+
+# torch/torchvision first (served from local disk where this is set up), then the pinned stack
+# (constraints.txt) and this package in editable mode with its dev tools.
+$(STAMP): settings.ini setup.py constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt torch torchvision
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/glr_demo --out $(OUT)
+
+# The notebooks are the source: cleaning and exporting must leave git clean.
+clean-check: $(STAMP)
+	$(BIN)/nbdev_clean
+	@git diff --quiet -- nbs glr_nb || { git --no-pager diff --stat -- nbs glr_nb; echo "nbdev_clean changed files: run nbdev_clean and commit"; exit 1; }
+	$(BIN)/nbdev_export
+	@git diff --quiet -- nbs glr_nb && test -z "$$(git status --porcelain -- glr_nb)" || { git status --short -- glr_nb; echo "nbdev_export changed the module: run nbdev_export and commit"; exit 1; }
+
+nbtest: $(STAMP)
+	$(BIN)/nbdev_test --n_workers 2 --timing
+
+# pytest exits 5 when it collects nothing: that is not a failure.
+pytest: $(STAMP)
+	@if ls tests/test_*.py >/dev/null 2>&1; then $(BIN)/pytest -q tests/ || { rc=$$?; [ $$rc -eq 5 ]; }; fi
+
+test: clean-check nbtest pytest
+
+# Offline docs: nbdev's processors, then nbconvert to HTML; quarto's nbdev_docs where it exists.
+docs: $(STAMP)
+	@if command -v quarto >/dev/null; then $(BIN)/nbdev_docs; else $(PY) tools/docs.py _docs; fi
+
+bench: $(STAMP)
+	$(BIN)/glr_bench all
