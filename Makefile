@@ -6,7 +6,7 @@ PY    := $(BIN)/python
 STAMP := $(VENV)/.glr_installed
 OUT   ?= demo_out
 
-.PHONY: install demo test nbtest pytest docs clean-check bench
+.PHONY: install demo test nbtest pytest docs clean-check bench readme
 
 # torch/torchvision first (served from local disk where this is set up), then the pinned stack
 # (constraints.txt) and this package in editable mode with its dev tools.
@@ -29,6 +29,11 @@ clean-check: $(STAMP)
 	@git diff --quiet -- nbs glr_nb || { git --no-pager diff --stat -- nbs glr_nb; echo "nbdev_clean changed files: run nbdev_clean and commit"; exit 1; }
 	$(BIN)/nbdev_export
 	@git diff --quiet -- nbs glr_nb && test -z "$$(git status --porcelain -- glr_nb)" || { git status --short -- glr_nb; echo "nbdev_export changed the module: run nbdev_export and commit"; exit 1; }
+	$(PY) tools/docs.py --readme
+	@git diff --quiet -- README.md || { echo "README.md is out of step with nbs/index.ipynb: run make readme and commit"; exit 1; }
+
+readme: $(STAMP)
+	$(PY) tools/docs.py --readme
 
 nbtest: $(STAMP)
 	$(BIN)/nbdev_test --n_workers 2 --timing

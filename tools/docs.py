@@ -39,4 +39,17 @@ def main(out='_docs'):
             shutil.copy(p, out/p.relative_to(proc))
     print(f"{len(nbs)} pages in {out}")
 
-if __name__ == '__main__': main(*sys.argv[1:])
+def readme_text(nb_path='nbs/index.ipynb'):
+    "README.md from the front-page notebook: its markdown cells and visible code cells (quarto's nbdev_readme does this with quarto)"
+    import nbformat
+    nb = nbformat.read(nb_path, as_version=4)
+    parts = []
+    for c in nb.cells:
+        src = c.source.strip()
+        if not src or src.startswith('#| hide') or '#| hide' in src.splitlines()[:3]: continue
+        parts.append(src if c.cell_type == 'markdown' else f"```python\n{src}\n```")
+    return '\n\n'.join(parts) + '\n'
+
+if __name__ == '__main__':
+    if sys.argv[1:2] == ['--readme']: Path('README.md').write_text(readme_text(), encoding='utf-8')
+    else: main(*sys.argv[1:])
