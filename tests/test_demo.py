@@ -1,0 +1,83 @@
+"End to end: `glr_demo` on a small demo dataset, then the output contract and a GAP no broken model reaches."
+import json, os
+from pathlib import Path
+import numpy as np, pandas as pd, pytest
+from glr_nb.demo import glr_demo, run_demo
+from glr_nb.metrics import read_submission, read_solution, global_average_precision, score_files
+
+# Smaller than the default demo (same code path: run_demo is what glr_demo calls) to fit the test budget.
+SMALL = dict(n_landmarks=20, n_big=1, big_images=(200, 200), small_images=(6, 16), n_other=12, n_test=120, n_2019=160, n_index=40, nl_ratio=2.)
+
+
+def random_gap(sol, labels, seed):
+    "GAP of random predictions (random label from the index's landmarks, random score) for every query"
+    rng = np.random.default_rng(seed)
+    pred = {i: (int(rng.choice(labels)), float(rng.random())) for i in sol}
+    return global_average_precision(pred, sol)
+
+
+@pytest.fixture(scope='module')
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp('demo')
+    m = run_demo(out, demo_sizes=SMALL, epochs=2, stack_seeds=2, html=False, progress=False)
+    return out, m
+
+
+def test_metrics_and_report(demo):
+    out, m = demo
+    saved = json.loads((out/'metrics.json').read_text())
+    assert {'gap_global', 'gap_rerank', 'gap_stacked'} <= set(saved)
+    for k in ('gap_global', 'gap_rerank', 'gap_stacked'): assert 0 <= saved[k] <= 1
+    assert saved == m
+    assert (out/'report'/'91_submit.ipynb').is_file() and len(list((out/'report').glob('90_train_*.ipynb'))) == 2
+    assert (out/'stage_gaps.png').is_file() and (out/'gallery.png').is_file()
+
+
+def test_submission_format_and_score(demo):
+    out, m = demo
+    data = out/'data'
+    test_ids = pd.read_csv(data/'raw'/'test.csv', dtype=str)['id']
+    sub = pd.read_csv(out/'submission.csv', dtype=str, keep_default_na=False)
+    assert list(sub.columns) == ['id', 'landmarks'] and sorted(sub['id']) == sorted(test_ids) and sub['id'].is_unique
+    filled = sub['landmarks'][sub['landmarks'] != '']
+    assert filled.str.fullmatch(r'\d+ [-+0-9.eE]+').all()
+    clean = set(pd.read_csv(data/'raw'/'train_clean.csv')['landmark_id'])
+    assert set(filled.str.split().str[0].astype(int)) <= clean          # ORIGINAL landmark ids, not 0..N-1 labels
+    r = score_files(out/'submission.csv', data/'raw'/'recognition_solution_v2.1.csv')
+    assert abs(r['gap'] - m[f"gap_{m['final_stage']}"]) < 1e-6        # what we report is what glr_score measures
+    for st in ('global', 'rerank', 'stacked'):                          # every stage's own file scores its reported GAP
+        assert abs(score_files(out/f'submission_{st}.csv', data/'raw'/'recognition_solution_v2.1.csv')['gap'] - m[f'gap_{st}']) < 1e-6
+
+
+def test_gap_beats_random_baseline(demo):
+    "A broken model (random labels, or constant embeddings) scores near the random baseline; ours far above"
+    out, m = demo
+    data = out/'data'
+    sol = read_solution(data/'raw'/'recognition_solution_v2.1.csv')
+    sol = {i: sol[i] for i in pd.read_csv(data/'raw'/'test.csv', dtype=str)['id'] if i in sol}
+    labels = pd.read_csv(data/'raw'/'train_clean.csv')['landmark_id'].to_numpy()
+    base = max(random_gap(sol, labels, s) for s in range(20))
+    chance = 1 / len(labels)
+    acc = {st: score_files(out/f'submission_{st}.csv', data/'raw'/'recognition_solution_v2.1.csv')['top1_accuracy']
+           for st in ('global', 'rerank', 'stacked')}
+    print('random baseline GAP', base, 'chance top-1', chance, 'ours', m, acc)
+    assert base < 0.05
+    assert acc['global'] > 4 * chance                                   # the embeddings retrieve the right landmark
+    assert acc['rerank'] > acc['global']                                # verification helps
+    assert m['gap_final'] > base + 0.2 and m['gap_rerank'] > base + 0.2
+    assert m['gap_global'] > base
+
+
+def test_rerun_reuses_checkpoints(demo):
+    out, m = demo
+    mtimes = {p: p.stat().st_mtime for p in (out/'models').rglob('final.pth')}
+    feats = {p: p.stat().st_mtime for p in (out/'features').rglob('*.npy')}
+    m2 = run_demo(out, demo_sizes=SMALL, epochs=2, stack_seeds=2, html=False, progress=False)
+    assert {p: p.stat().st_mtime for p in mtimes} == mtimes             # no retraining
+    assert {p: p.stat().st_mtime for p in feats} == feats               # no re-extraction
+    assert m2['gap_global'] == m['gap_global']
+
+
+def test_cli_errors():
+    with pytest.raises(SystemExit) as e: glr_demo([])
+    assert e.value.code == 2
