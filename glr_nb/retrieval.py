@@ -14,8 +14,8 @@ from .core import GLRError, script, atomic_write, save_json, get_logger, default
 # %% auto #0
 __all__ = ['BAD_LABEL', 'DEFAULT_WEIGHTS', 'embed_batch', 'extract', 'ids_sha1', 'cache_state', 'cached_extract',
            'load_embeddings', 'checkpoint_key', 'embed_checkpoint', 'ensemble', 'knn', 'query_expansion', 'pair_scores',
-           'candidates_table', 'nonlandmark_table', 'vote', 'vote_table', 'plot_gallery', 'image_set', 'glr_extract',
-           'bench_knn', 'bench_extract']
+           'candidates_table', 'nonlandmark_table', 'plot_gallery', 'image_set', 'glr_extract', 'bench_knn',
+           'bench_extract']
 
 # %% ../nbs/04_retrieval.ipynb #9d89d6de
 BAD_LABEL = -100  # the label glr_nb.data.ImageDataset gives an unreadable image
@@ -319,25 +319,6 @@ def nonlandmark_table(q_emb, gallery_emb, q_ids, k=10, id_col='query_id', backen
     s, i = knn(q_emb, gallery_emb, k, backend)
     f = _flat(q_ids, i)
     return pd.DataFrame({id_col: f['query_id'], 'nl_rank': f['rank'], 'nl_score': s.ravel()})
-
-# %% ../nbs/04_retrieval.ipynb #bbabae71
-def vote(nbr_labels,  # [nq, k] neighbour labels, best first
-         nbr_scores,  # [nq, k] neighbour scores
-         top_k=3)->tuple:
-    "Per query, the label with the largest summed score over the top_k neighbours: `(labels, scores)`"
-    L, S = np.asarray(nbr_labels)[:, :top_k], np.asarray(nbr_scores, np.float64)[:, :top_k]
-    tot = ((L[:, :, None] == L[:, None, :]) * S[:, None, :]).sum(-1)   # [nq, top_k]: summed score of each position's label
-    j = tot.argmax(1)                                                  # first position wins ties
-    r = np.arange(len(L))
-    return L[r, j], tot[r, j]
-
-def vote_table(cands:pd.DataFrame, top_k=3, score_col='score')->pd.DataFrame:
-    "Prediction table (id, label, score) from a candidates table by `vote`"
-    c = cands.sort_values(['query_id', 'rank'], kind='stable')
-    k = int(c.groupby('query_id', sort=False).size().iloc[0]) if len(c) else 0
-    ids = c['query_id'].to_numpy()[::k] if k else []
-    lab, sc = vote(c['label'].to_numpy().reshape(-1, k), c[score_col].to_numpy().reshape(-1, k), top_k) if k else ([], [])
-    return pd.DataFrame(dict(id=ids, label=np.asarray(lab, np.int64), score=np.asarray(sc, np.float64)))
 
 # %% ../nbs/04_retrieval.ipynb #4aa9dacb
 def plot_gallery(cands:pd.DataFrame,  # candidates table
