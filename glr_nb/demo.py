@@ -42,7 +42,7 @@ def to_html(nb)->Path:
     p = Path(nb).with_suffix('.html'); p.write_text(body); return p
 
 # %% ../nbs/09_demo.ipynb #26f097ab
-DEMO = dict(arches=('test_resnet', 'test_efficientnet'), img_size=64, epochs=3, lr=0.05, batch_size=32, rerank_top=5,
+DEMO = dict(arches=('test_resnet', 'test_efficientnet'), img_size=64, epochs=15, lr=0.05, batch_size=32, rerank_top=5,
             stack_folds=3, stack_seeds=3)
 
 def run_demo(out,              # output folder: submission.csv, metrics.json, report/
