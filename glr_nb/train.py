@@ -94,6 +94,7 @@ def evaluate(model,              # a `GLRNet` (not DDP-wrapped)
             correct += (model.head(emb[ok]).argmax(1) == y[ok]).sum().item()
         embs.append(F.normalize(emb[ok].float())); ys.append(y[ok])
     for m, t in modes.items(): m.training = t
+    if not ys: return dict(valid_loss=0., accuracy=0., gap=0., map100=0.)   # empty split: nothing to score
     e, y = torch.cat(embs), torch.cat(ys); n = len(y)
     res = dict(valid_loss=sum(losses) / max(n, 1), accuracy=correct / max(n, 1), gap=0., map100=0.)
     if n < 2: return res
