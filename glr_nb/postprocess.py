@@ -10,6 +10,7 @@ import numpy as np, pandas as pd
 import lightgbm as lgb
 from .core import GLRError, atomic_write, save_json
 from .metrics import global_average_precision
+from .rerank import rerank_score
 
 # %% auto #0
 __all__ = ['CAND_COLS', 'N_SLOTS', 'CLASSES', 'STACK_PARAMS', 'check_candidates', 'model_names', 'predict_vote', 'as_pred_dict',
@@ -62,8 +63,7 @@ def add_rerank(cands:pd.DataFrame, # candidates table with `inliers`
               )->pd.DataFrame:
     "Copy of `cands` with `col` = global score + min(inliers, max_inliers)/max_inliers (unverified rows: global score)"
     inl = cands['inliers'] if 'inliers' in cands else pd.Series(-1, index=cands.index)
-    local = np.minimum(inl.clip(lower=0), max_inliers) / max_inliers
-    return cands.assign(**{col: cands['score'] + np.where(inl >= 0, local, 0.)})
+    return cands.assign(**{col: rerank_score(cands['score'], inl, max_inliers)})
 
 # %% ../nbs/06_postprocess.ipynb #a3ac2496
 def _nl_name(k): return 'nl_top1' if k == 1 else f'nl_mean{k}'

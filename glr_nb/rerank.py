@@ -19,7 +19,7 @@ __all__ = ['RANSAC_METHODS', 'simple_nms', 'sample_descriptors', 'SuperPoint', '
            'MultiHeadedAttention', 'AttentionalPropagation', 'AttentionalGNN', 'log_optimal_transport', 'SuperGlue',
            'load_gray', 'sift_features', 'rootsift', 'match_nn', 'homography_inliers', 'ransac_pool', 'ransac_inliers',
            'FeatureCache', 'SiftMatcher', 'SuperGlueMatcher', 'make_matcher', 'verify_pairs', 'match_pair',
-           'rerank_score', 'fill_inliers', 'draw_matches', 'bench_rerank']
+           'rerank_score', 'draw_matches', 'bench_rerank']
 
 # %% ../nbs/05_rerank.ipynb #335fcb2f
 def simple_nms(scores:torch.Tensor, # [B,H,W] score map
@@ -654,37 +654,9 @@ def rerank_score(global_score,     # array of global (cosine) scores
                  inliers,          # array of inlier counts (-1: not verified)
                  max_inliers=70    # saturation (reference: 70; 90 for the ensemble re-score)
                 )->np.ndarray:
-    "Global score plus min(inliers, max_inliers)/max_inliers (float32, vectorised)"
+    "Global score plus min(inliers, max_inliers)/max_inliers (vectorised; unverified rows, -1, add nothing)"
     inl = np.clip(np.asarray(inliers, np.float64), 0, max_inliers)
-    return (np.asarray(global_score, np.float64) + inl / max_inliers).astype(np.float32)
-
-# %% ../nbs/05_rerank.ipynb #13be2981
-def _resolver(r):
-    if callable(r): return r
-    root = Path(r)
-    def f(i):
-        p = root/i[0]/i[1]/i[2]/f'{i}.jpg'
-        return p if p.exists() else root/f'{i}.jpg'
-    return f
-
-def fill_inliers(cands,             # candidates table (query_id, rank, db_id, label, score, ...)
-                 query_path,        # query id -> image path (function or image folder)
-                 db_path=None,      # neighbour id -> image path (default: `query_path`)
-                 top_n=None,        # verify only ranks < top_n (None: all rows)
-                 max_inliers=70,    # `rerank_score` saturation
-                 **kw               # `verify_pairs` arguments (matcher, cache, size, ...)
-                ):
-    "Candidates table with `inliers` filled, a `rerank_score` column, rows re-sorted per query by it"
-    df = cands.copy()
-    if 'inliers' not in df: df['inliers'] = -1
-    sel = np.ones(len(df), bool) if top_n is None else (df['rank'].to_numpy() < top_n)
-    qf, dbf = _resolver(query_path), _resolver(db_path if db_path is not None else query_path)
-    pairs = [(qf(q), dbf(b)) for q, b in zip(df['query_id'].to_numpy()[sel], df['db_id'].to_numpy()[sel])]
-    inl = df['inliers'].to_numpy().astype(np.int64).copy(); inl[sel] = verify_pairs(pairs, **kw)
-    df['inliers'] = inl
-    df['rerank_score'] = rerank_score(df['score'], inl, max_inliers)
-    df['_q'] = pd.factorize(df['query_id'])[0]
-    return df.sort_values(['_q', 'rerank_score'], ascending=[True, False], kind='stable').drop(columns='_q').reset_index(drop=True)
+    return np.asarray(global_score, np.float64) + inl / max_inliers
 
 # %% ../nbs/05_rerank.ipynb #bb2785a6
 def draw_matches(img0, img1,            # two images (arrays, or paths)
