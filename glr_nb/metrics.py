@@ -7,7 +7,8 @@ from __future__ import annotations
 import io, math
 from pathlib import Path
 import numpy as np, pandas as pd
-from .core import GLRError, script, check_ids
+from .core import GLRError, script
+from .data import read_gld_csv
 
 # %% auto #0
 __all__ = ['global_average_precision', 'mean_average_precision', 'read_solution_df', 'read_solution', 'read_submission',
@@ -47,13 +48,7 @@ def mean_average_precision(predictions:dict, # id -> ranked list of retrieved in
 
 # %% ../nbs/07_metrics.ipynb #42b7091d
 def _read_csv(path, cols):
-    path = Path(path)
-    if not path.is_file(): raise GLRError(f"{path}: file not found")
-    try: df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except Exception as e: raise GLRError(f"{path}: not a readable CSV ({e})") from None
-    miss = [c for c in cols if c not in df.columns]
-    if miss: raise GLRError(f"{path}: missing column(s) {miss}; expected header {','.join(cols)}")
-    check_ids(df['id'], str(path))
+    df = read_gld_csv(path, {c: str for c in cols})
     dup = df['id'].duplicated()
     if dup.any():
         i = int(np.flatnonzero(dup.to_numpy())[0])
@@ -63,8 +58,7 @@ def _read_csv(path, cols):
 # %% ../nbs/07_metrics.ipynb #eab63dd0
 def read_solution_df(path)->pd.DataFrame:
     "The recognition solution as a DataFrame `id, landmarks (list of int), Usage`, Ignored rows kept"
-    df = _read_csv(path, ['id', 'landmarks'])
-    if 'Usage' not in df: df['Usage'] = 'Public'
+    df = _read_csv(path, ['id', 'landmarks', 'Usage'])
     toks = df['landmarks'].str.split()
     flat = toks.explode().dropna()
     bad = ~flat.str.fullmatch(r'\d+')
