@@ -24,7 +24,7 @@ def _feat_fn(model): return getattr(model, 'extract_feature', model)
 
 def _as_dataset(data, img_size):
     if isinstance(data, Dataset): return data
-    from glr_nb.data import ImageDataset
+    from glr_nb.images import ImageDataset
     return ImageDataset([str(p) for p in data], size=img_size)
 
 @torch.no_grad()

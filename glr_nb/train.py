@@ -270,7 +270,8 @@ def split_frames(data_dir, split_type='v2c', cv=0)->tuple:
 
 def split_datasets(data_dir, split_type='v2c', img_size=448, eval_img_size=512, aug_version='1', max_valid=None):
     "`ImageDataset`s (train with augmentation, validation without) and the class count of a split"
-    from glr_nb.data import ImageDataset, image_paths
+    from glr_nb.images import ImageDataset
+    from glr_nb.data import image_paths
     tr, va = split_frames(data_dir, split_type)
     if max_valid: va = va.iloc[:max_valid]
     img = Path(data_dir)/'images'/'train'

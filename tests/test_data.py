@@ -3,7 +3,8 @@ import sys, subprocess, json, time
 from pathlib import Path
 import numpy as np, pandas as pd, pytest
 from PIL import Image
-from glr_nb.data import make_demo_dataset, make_splits, read_train, read_train_clean, read_ids, ImageDataset, image_paths
+from glr_nb.data import make_demo_dataset, make_splits, read_train, read_train_clean, read_ids, image_paths
+from glr_nb.images import ImageDataset
 
 GLR_SPLIT = str(Path(sys.executable).parent/'glr_split')
 
