@@ -6,7 +6,7 @@ PY    := $(BIN)/python
 STAMP := $(VENV)/.glr_installed
 OUT   ?= demo_out
 
-.PHONY: install demo test nbtest pytest docs clean-check bench readme
+.PHONY: install demo test nbtest pytest docs clean-check bench readme gpu-check
 
 # torch/torchvision first (served from local disk where this is set up), then the pinned stack
 # (constraints.txt) and this package in editable mode with its dev tools.
@@ -42,7 +42,15 @@ nbtest: $(STAMP)
 pytest: $(STAMP)
 	@if ls tests/test_*.py >/dev/null 2>&1; then $(BIN)/pytest -q tests/ || { rc=$$?; [ $$rc -eq 5 ]; }; fi
 
+# Every CUDA path in minutes (tools/gpu_check.py): on a GPU machine `make gpu-check`; `make test` runs the same
+# code paths at tiny sizes on the CPU. Without a venv (a bare GPU machine) it uses python3.
+DEVICE ?= cuda
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:
+	$(GPU_PY) tools/gpu_check.py --device $(DEVICE) --out gpu_check$(if $(filter cpu,$(DEVICE)),_cpu,).jsonl
+
 test: clean-check nbtest pytest
+	$(MAKE) gpu-check DEVICE=cpu
 
 # Offline docs: nbdev's processors, then nbconvert to HTML; quarto's nbdev_docs where it exists.
 docs: $(STAMP)

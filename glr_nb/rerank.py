@@ -242,10 +242,12 @@ def _sg_forward(self, data:dict):
     mask = torch.cat([_pad_to(mask0, L, 1, False), _pad_to(mask1, L, 1, False)])
     mask = mask | ~mask.any(1, keepdim=True)                 # an empty set attends to everything (masked later)
     x = self.final_proj(self.gnn(x, None if bool(mask.all()) else mask))
-    md0, md1 = x[:b, :, :m], x[b:, :, :n]
-    S = torch.einsum('bdn,bdm->bnm', md0.float(), md1.float()) / c['descriptor_dim']**.5
-    Z = log_optimal_transport(S, self.bin_score, c['sinkhorn_iterations'], mask0, mask1)
-    return _mutual_matches(Z[:, :-1, :-1], mask0, mask1, c['match_threshold'])
+    md0, md1 = x[:b, :, :m].float(), x[b:, :, :n].float()
+    with torch.autocast(dev.type, enabled=False):           # fp32 scores: under fp16 autocast einsum would overflow
+        S = torch.einsum('bdn,bdm->bnm', md0, md1) / c['descriptor_dim']**.5
+        S = S.masked_fill(~(mask0[:, :, None] & mask1[:, None, :]), 0.)   # padding never turns into inf - inf
+        Z = log_optimal_transport(S, self.bin_score, c['sinkhorn_iterations'], mask0, mask1)
+        return _mutual_matches(Z[:, :-1, :-1], mask0, mask1, c['match_threshold'])
 SuperGlue.forward = _sg_forward
 
 def _mutual_matches(Z, mask0, mask1, threshold):
@@ -628,7 +630,8 @@ def _progress(it, on):
 
 def _submit(pts, pool, rkw):
     if pool is None: return [np.array(_ransac_chunk((pts, rkw)), np.int64)]
-    return [pool.submit(_ransac_chunk, (pts[i:i+64], rkw)) for i in range(0, len(pts), 64)]
+    step = max(1, min(64, -(-len(pts) // (2 * getattr(pool, '_max_workers', 8)))))   # every worker busy, even on a small chunk
+    return [pool.submit(_ransac_chunk, (pts[i:i+step], rkw)) for i in range(0, len(pts), step)]
 
 def _finish(pending, out, pkey, db):
     idx, futs = pending
@@ -682,36 +685,117 @@ def draw_matches(img0, img1,            # two images (arrays, or paths)
     ax.set_title(title or f'{int(inliers.sum())} inliers / {len(pts0)} matches')
     return ax
 
-# %% ../nbs/05_rerank.ipynb #c7feeed0
+# %% ../nbs/05_rerank.ipynb #a91842f3
 def _bench_images(folder, n, size, seed=0):
     "`n` JPEGs of scikit-image photographs under random homographies, longest side `size`"
     import skimage.data as sd
     photos = [sd.astronaut(), sd.coffee(), sd.chelsea(), sd.rocket(), np.repeat(sd.camera()[..., None], 3, 2)]
     rng, out = np.random.default_rng(seed), []
     for i in range(n):
-        p = photos[i % len(photos)]; h, w = p.shape[:2]
-        H = np.eye(3) + np.r_[rng.normal(0, .05, 6), rng.normal(0, 1e-4, 2), 0].reshape(3, 3); H[:2, 2] *= 0
-        s = size / max(h, w); H = np.diag([s, s, 1]) @ H
-        im = cv2.warpPerspective(p, H, (round(w*s), round(h*s)))
-        out.append(Path(folder)/f'{i:04d}.jpg'); Image.fromarray(im).save(out[-1], quality=90)
+        p = photos[i % len(photos)]
+        h, w = p.shape[:2]
+        H = np.eye(3) + np.r_[rng.normal(0, .05, 6), rng.normal(0, 1e-4, 2), 0].reshape(3, 3)
+        H[:2, 2] *= 0
+        s = size / max(h, w)
+        im = cv2.warpPerspective(p, np.diag([s, s, 1]) @ H, (round(w*s), round(h*s)))
+        out.append(Path(folder)/f'{i:04d}.jpg')
+        Image.fromarray(im).save(out[-1], quality=90)
     return out
 
-def _reference_recipe(pairs, sp, sg, size, dev):
-    "One pair at a time, fp32, both images decoded and extracted again for each pair (the original loop)"
+# %% ../nbs/05_rerank.ipynb #592fe11f
+def _ref_read(path, size, dev):
+    "The reference's `read_image`: cv2 grayscale, resized to longest side `size`, float in [0, 1], and its scales"
+    g = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    h, w = g.shape
+    nw, nh = round(w * size / max(h, w)), round(h * size / max(h, w))
+    x = torch.from_numpy(cv2.resize(g, (nw, nh)).astype('float32') / 255.)[None, None].to(dev)
+    return x, np.array([w / nw, h / nh])
+
+def _ref_inliers(k0, k1):
+    "DEGENSAC inliers of matched points as the reference counts them (0 below 5 matches)"
+    if len(k0) <= 4: return 0
+    if _ref_estimator() == 'opencv-ransac':
+        mask = cv2.findHomography(k0.astype(np.float32), k1.astype(np.float32), cv2.RANSAC, 4.0, maxIters=1000, confidence=0.99)[1]
+        return 0 if mask is None else int(mask.sum())
+    import pydegensac
+    try: return int(pydegensac.findHomography(k0, k1, 4.0, 0.99, 1000)[1].sum())
+    except np.linalg.LinAlgError: return 0
+
+def _ref_estimator():
+    "'pydegensac' (the reference's) when installed, else 'opencv-ransac'"
+    import importlib.util
+    return 'pydegensac' if importlib.util.find_spec('pydegensac') else 'opencv-ransac'
+
+# %% ../nbs/05_rerank.ipynb #4bdba879
+@torch.no_grad()
+def _reference_recipe(queries:dict, sp, sg, size, dev):
+    "Inliers of `queries` (query path -> neighbour paths), the reference's way: one pair at a time, fp32"
     res = []
-    for a, b in pairs:
-        (ga, sa), (gb, sb) = load_gray(a, size), load_gray(b, size)
-        xa, xb = [torch.from_numpy(g)[None, None].to(dev).float() / 255 for g in (ga, gb)]
-        ra, rb = sp({'image': xa}), sp({'image': xb})
-        data = {**{k + '0': v[0][None] for k, v in ra.items()}, **{k + '1': v[0][None] for k, v in rb.items()}, 'image0': xa, 'image1': xb}
-        m0 = sg(data)['matches0'][0].cpu().numpy(); k = np.flatnonzero(m0 > -1)
-        res.append(homography_inliers(ra['keypoints'][0].cpu().numpy()[k] * sa, rb['keypoints'][0].cpu().numpy()[m0[k]] * sb)[0])
+    for q, nbs in queries.items():
+        xq, sq = _ref_read(q, size, dev)
+        fq = {k + '0': v[0][None] for k, v in sp({'image': xq}).items()}
+        for n in nbs:
+            xn, sn = _ref_read(n, size, dev)
+            fn = {k + '1': v[0][None] for k, v in sp({'image': xn}).items()}
+            m0 = sg({**fq, **fn, 'image0': xq, 'image1': xn})['matches0'][0].cpu().numpy()
+            ok = m0 > -1
+            k0 = (fq['keypoints0'][0].cpu().numpy() * sq)[:, ::-1][ok]
+            k1 = (fn['keypoints1'][0].cpu().numpy() * sn)[:, ::-1][m0[ok]]
+            res.append(_ref_inliers(np.ascontiguousarray(k0), np.ascontiguousarray(k1)))
     return np.array(res)
 
-# %% ../nbs/05_rerank.ipynb #f2aa949e
-def _sync(dev): 
+# %% ../nbs/05_rerank.ipynb #0a1bf8dd
+def _sync(dev):
+    "Wait for the GPU (timings)"
     if torch.device(dev).type == 'cuda': torch.cuda.synchronize()
 
+def _timed(f, dev):
+    "`(result, seconds)` of `f()`"
+    _sync(dev)
+    t = time.perf_counter()
+    r = f()
+    _sync(dev)
+    return r, time.perf_counter() - t
+
+@torch.no_grad()
+def _decisive(m, seed=0):
+    "A copy of matcher `m` whose random SuperGlue is decisive, as trained ones are: descriptor similarity drives it"
+    import copy
+    m, g = copy.deepcopy(m), torch.Generator().manual_seed(seed)
+    m.sg.match_threshold = 0.2
+    m.sg.kenc.encoder[-1].weight.mul_(0.01)
+    for l in m.sg.gnn.layers: l.mlp[3].weight.mul_(0.2)
+    w = torch.eye(256)[..., None] * 20 + 0.05 * torch.randn(256, 256, 1, generator=g)
+    m.sg.final_proj.weight.copy_(w.to(m.sg.final_proj.weight.device))
+    return m
+
+def _planted(f, rng):
+    "A partner for features `f`: two thirds of its keypoints, jittered and shuffled, among new random ones"
+    n = len(f['kp'])
+    keep, new = rng.permutation(n)[:2 * n // 3], n - 2 * n // 3
+    d = f['desc'][keep].astype(np.float32) + 0.1 * rng.standard_normal((len(keep), f['desc'].shape[1]))
+    d = np.concatenate([d, rng.standard_normal((new, d.shape[1]))])
+    kp = np.concatenate([f['kp'][keep] + rng.normal(0, 1, (len(keep), 2)), rng.uniform(0, f['size'], (new, 2))])
+    o = rng.permutation(n)
+    return dict(kp=kp[o].astype(np.float32), scores=rng.random(n).astype(np.float32), size=f['size'],
+                desc=(d / np.linalg.norm(d, axis=1, keepdims=True))[o].astype(np.float16))
+
+def _agreement(m16, m32, imgs, seed=0)->dict:
+    "How far fp16 SuperPoint/SuperGlue (`m16`) is from fp32 (`m32`): keypoints on real images, matches on planted pairs"
+    g = [load_gray(p, m32.size)[0] for p in imgs]
+    f16, f32 = m16.extract(g), m32.extract(g)
+    near = [np.mean(np.abs(a['kp'][:, None] - b['kp'][None]).max(-1).min(1) <= 1) if len(a['kp']) and len(b['kp']) else 1.
+            for a, b in zip(f16, f32)]
+    rng = np.random.default_rng(seed)
+    for f, im in zip(f32, g): f['size'] = np.array(im.shape[::-1])
+    pairs = [(f, _planted(f, rng)) for f in f32 if len(f['kp']) >= 8]
+    ms = list(zip(_decisive(m16, seed).match(pairs), _decisive(m32, seed).match(pairs)))
+    same = sum(len({tuple(r) for r in a} & {tuple(r) for r in b}) for a, b in ms)
+    n32 = sum(len(b) for a, b in ms)
+    return dict(keypoints_within_1px=round(float(np.mean(near)), 4), matches_fp32=n32,
+                match_agreement=round(same / max(n32, sum(len(a) for a, b in ms)), 4) if n32 else None)
+
+# %% ../nbs/05_rerank.ipynb #ba7e6f87
 def bench_rerank(n_queries=8,        # queries
                  n_neighbours=4,     # database neighbours per query (pairs = n_queries * n_neighbours)
                  n_db=8,             # database images shared by the queries
@@ -722,33 +806,52 @@ def bench_rerank(n_queries=8,        # queries
                  batch_size=32,      # our SuperGlue pairs per batch
                  superpoint=None, superglue=None,  # weight files (None: random weights)
                  reference=True,     # also time the reference recipe
+                 sift=True,          # also time SIFT `verify_pairs`
+                 compare_fp32=False, # also measure fp16 against fp32 (keypoints, matches, inliers)
                  seed=0)->list:
     "Pairs/second of the reference re-rank recipe vs ours (and of SIFT `verify_pairs`); prints JSON lines"
     import tempfile
-    dev = torch.device(device) if device else default_device(); rows = []
+    dev = torch.device(device) if device else default_device()
+    rows = []
     def emit(**kw):
-        r = dict(bench='rerank', device=str(dev) if kw.get('recipe') != 'sift' else 'cpu', **kw); rows.append(r); print(json.dumps(r), flush=True)
+        rows.append(dict(bench='rerank', device=str(dev) if kw.get('recipe') != 'sift' else 'cpu', **kw))
+        print(json.dumps(rows[-1]), flush=True)
     with tempfile.TemporaryDirectory() as d:
         imgs = _bench_images(d, n_queries + n_db, max(size, 64), seed)
         rng = np.random.default_rng(seed)
-        pairs = [(imgs[q], imgs[n_queries + j]) for q in range(n_queries) for j in rng.choice(n_db, n_neighbours, replace=False)]
+        same = lambda q: [j for j in range(n_db) if (n_queries + j) % 5 == q % 5][:1]    # a view of the same photo, if any
+        nb_of = lambda q: same(q) + [j for j in rng.permutation(n_db) if j not in same(q)][:n_neighbours - len(same(q))]
+        qs = {imgs[q]: [imgs[n_queries + j] for j in nb_of(q)] for q in range(n_queries)}
+        pairs = [(q, n) for q, nbs in qs.items() for n in nbs]
         cfg = dict(size=size, max_keypoints=max_keypoints, superpoint=superpoint, superglue=superglue, random_weights=True, seed=seed)
-        ours = SuperGlueMatcher(device=dev, batch_size=batch_size, **cfg)
+        cfg['match_threshold'] = 0.2 if superglue else 0.                     # random weights: keep every mutual match
+        mk = lambda **kw: SuperGlueMatcher(device=dev, **cfg, **kw)
         common = dict(size=size, max_keypoints=max_keypoints, pairs=len(pairs), unique_images=len({p for ab in pairs for p in ab}))
+        ours = mk(batch_size=batch_size)
         if reference:
-            ref = SuperGlueMatcher(device=dev, fp16=False, **cfg)
-            _reference_recipe(pairs[:1], ref.sp, ref.sg, size, dev); _sync(dev)            # warm-up
-            t = time.perf_counter(); _reference_recipe(pairs, ref.sp, ref.sg, size, dev); _sync(dev); t_ref = time.perf_counter() - t
-            emit(recipe='reference', fp16=False, seconds=round(t_ref, 3), pairs_per_s=round(len(pairs) / t_ref, 2), **common)
-        verify_pairs(pairs[:2], ours); _sync(dev)                                          # warm-up
-        t = time.perf_counter(); verify_pairs(pairs, ours, cache=Path(d)/'bench.sqlite'); _sync(dev); t_ours = time.perf_counter() - t
-        emit(recipe='ours', fp16=ours.fp16, seconds=round(t_ours, 3), pairs_per_s=round(len(pairs) / t_ours, 2), **common)
+            ref = mk(fp16=False)
+            _reference_recipe(dict([next(iter(qs.items()))]), ref.sp, ref.sg, size, dev)          # warm-up
+            inl_ref, t_ref = _timed(lambda: _reference_recipe(qs, ref.sp, ref.sg, size, dev), dev)
+            emit(recipe='reference', fp16=False, estimator=_ref_estimator(), seconds=round(t_ref, 3),
+                 pairs_per_s=round(len(pairs) / t_ref, 2), mean_inliers=round(float(inl_ref.mean()), 2), **common)
+        verify_pairs(pairs[:2], ours)                                                              # warm-up
+        # min_pool=1: RANSAC in the process pool, as for every chunk of a real run (thousands of pairs)
+        inl, t_ours = _timed(lambda: verify_pairs(pairs, ours, cache=Path(d)/'bench.sqlite', min_pool=1), dev)
+        emit(recipe='ours', fp16=ours.fp16, seconds=round(t_ours, 3), pairs_per_s=round(len(pairs) / t_ours, 2),
+             mean_inliers=round(float(inl.mean()), 2), **common)
         if reference: emit(recipe='speedup', value=round(t_ref / t_ours, 2), **common)
-        sdir = Path(d)/'sift'; sdir.mkdir()
-        simgs = _bench_images(sdir, n_queries + n_db, sift_size, seed)
-        spairs = [(simgs[imgs.index(a)], simgs[imgs.index(b)]) for a, b in pairs]
-        verify_pairs(spairs[:2], 'sift', size=sift_size)                                     # warm-up
-        t = time.perf_counter(); verify_pairs(spairs, 'sift', size=sift_size); t_sift = time.perf_counter() - t
-        emit(recipe='sift', seconds=round(t_sift, 3), pairs_per_s=round(len(pairs) / t_sift, 2), size=sift_size,
-             pairs=len(pairs), unique_images=common['unique_images'])
+        if compare_fp32:
+            m16, m32 = (ours if ours.fp16 else mk(fp16=True, batch_size=batch_size)), mk(fp16=False, batch_size=batch_size)
+            i16, i32 = verify_pairs(pairs, m16), verify_pairs(pairs, m32)
+            emit(recipe='fp16_vs_fp32', inliers_mean_abs_diff=round(float(np.abs(i16 - i32).mean()), 3),
+                 inliers_fp32_mean=round(float(i32.mean()), 2), **_agreement(m16, m32, imgs[:8]), **common)
+        if sift:
+            sdir = Path(d)/'sift'
+            sdir.mkdir()
+            simgs = _bench_images(sdir, n_queries + n_db, sift_size, seed)
+            spairs = [(simgs[imgs.index(a)], simgs[imgs.index(b)]) for a, b in pairs]
+            verify_pairs(spairs[:2], 'sift', size=sift_size)                                       # warm-up
+            _, t_sift = _timed(lambda: verify_pairs(spairs, 'sift', size=sift_size), 'cpu')
+            emit(recipe='sift', seconds=round(t_sift, 3), pairs_per_s=round(len(pairs) / t_sift, 2), size=sift_size,
+                 pairs=len(pairs), unique_images=common['unique_images'])
     return rows

@@ -431,14 +431,18 @@ def bench_train(arch='resnet18',   # architecture (the real one: tf_efficientnet
                 batch=None,         # our batch size (default 64 on GPU, 16 on CPU)
                 num_classes=1000,   # ArcFace classes (81313 in the reference)
                 compile=None,       # also time ours + torch.compile (default: on GPU only)
-                device=None)->list:
+                device=None,
+                ref_batch=8,        # the reference recipe's batch (the seed's per-GPU batch: B7 4, B6 6, B5 8, R152 10)
+                bf16=None,          # bf16 autocast for ours: None = on a GPU that has it, True = on any device
+                eager=True)->list:  # also time ours without compile
     "Images/second and peak memory of training steps: reference recipe vs ours; prints JSON lines"
     dev = torch.device(device) if device else (torch.device('cuda') if torch.cuda.is_available() else torch.device('cpu'))
     steps = n or steps; compile = dev.type == 'cuda' if compile is None else compile
-    bf16 = dev.type == 'cuda' and torch.cuda.is_bf16_supported()
-    cfgs = [('reference', dict(bs=8, amp=None, cl=False, comp=False)),
+    bf16 = dev.type == 'cuda' and torch.cuda.is_bf16_supported() if bf16 is None else bf16
+    cfgs = [('reference', dict(bs=ref_batch, amp=None, cl=False, comp=False)),
             ('ours', dict(bs=batch or (64 if dev.type == 'cuda' else 16), amp=torch.bfloat16 if bf16 else None, cl=True, comp=False))]
     if compile: cfgs.append(('ours+compile', {**cfgs[1][1], 'comp': True}))
+    if not eager and compile: cfgs.pop(1)
     rows = []
     for name, c in cfgs:
         if dev.type == 'cuda': torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()
