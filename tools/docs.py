@@ -91,7 +91,8 @@ def _showdoc_renderer():
             h = self.title_level
             md = f'<a class="sd-source" href="{html.escape(src)}" target="_blank" rel="noopener">source</a>\n\n' if src else ''
             md += f'<h{h} id="{html.escape(self.nm.lower())}" class="sd-name">{html.escape(self.nm)}</h{h}>\n\n'
-            for v in self.dm.dm.values(): v['docment'] = None   # the per-parameter comments go in the table
+            for v in self.dm.dm.values():   # the per-parameter comments go in the table below
+                v['docment'] = None
             md += f'```python\n{self.dm}\n```\n\n'
             if self.docs: md += f'<div class="sd-doc">\n\n{self.docs.strip()}\n\n</div>\n\n'
             tbl = DocmentTbl(self.sym) if callable(self.sym) else None
