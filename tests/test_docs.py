@@ -3,12 +3,13 @@
 Two builds per run, to keep `make test` short: every page with `--no-exec` (structure: front matter, show_doc,
 sidebar, formulas, no CDN), and 06_postprocess executed (formulas, a plot and DataFrames: the outputs check).
 A third, tiny build checks that a failing cell stops the build with one line and that flagged cells do not run."""
-import html, json, re, subprocess, sys
+import html, re, subprocess, sys
 from pathlib import Path
 import nbformat, pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 EXEC_NB = '06_postprocess'   # formulas, a plot and tables, executed in about 20 s
+PROMPT = re.compile(r'\b(In|Out)\s*\[\s*\d*\s*\]:')   # Jupyter's `In [ ]:` / `Out[3]:`
 
 def _build(out, proc, *args):
     r = subprocess.run([sys.executable, str(ROOT/'tools'/'docs.py'), str(out), '--proc', str(proc), *args],
@@ -59,7 +60,7 @@ def test_docs_page_per_notebook_and_every_symbol_documented(site):
         page = (site/(m.group(1) + '.html')).read_text()
         for full in syms:
             name = full[len(mod)+1:]
-            if '.' in name or name.startswith('_'): continue   # methods live on their class's page; private helpers are not API
+            if '.' in name or name.startswith('_'): continue   # methods live on their class's page; private: not API
             if not re.search(rf'<h[1-4][^>]*\bid="{re.escape(name.lower())}"', page, flags=re.I):
                 missing.append(f"{mod}.{name} ({m.group(1)})")
     assert not missing, f"exported but undocumented: {missing}"
@@ -73,10 +74,10 @@ def test_pages_read_as_an_nbdev_site(site):
         title = re.search(r'^#\s+(\S.*?)\s*$', nb.cells[0].source, flags=re.M).group(1)
         assert f'<h1 class="title" id="title">{html.escape(title)}</h1>' in page, f"{p.name}: no title {title!r}"
         assert re.search(r'<div class="description"><p>\S', page), f"{p.name}: no description"
-        assert 'output-file:' not in text and not re.search(r'^\s*---\s*$\s*^\s*(description|title):', text, flags=re.M), \
-            f"{p.name}: raw front matter"
+        raw_fm = re.search(r'^\s*---\s*$\s*^\s*(description|title):', text, flags=re.M)
+        assert 'output-file:' not in text and not raw_fm, f"{p.name}: raw front matter"
         assert '{target=' not in page and 'style="float:right' not in page, f"{p.name}: raw quarto attributes"
-        assert not re.search(r'\b(In|Out)\s*\[\s*\d*\s*\]:', text) and 'jp-InputPrompt' not in page, f"{p.name}: prompts"
+        assert not PROMPT.search(text) and 'jp-InputPrompt' not in page, f"{p.name}: prompts"
         n = len(_formulas(nb))
         assert page.count('<math') >= n, f"{p.name}: {n} formulas in the notebook, {page.count('<math')} rendered"
         assert not re.search(r'\$[^$\n]*\\(frac|sum|mathrm|bar|cdot)', text), f"{p.name}: a formula left as raw LaTeX"
@@ -90,7 +91,8 @@ def test_showdoc_blocks_link_their_source_line(site):
     checked = 0
     for p in _book():
         page = (site/(p.stem + '.html')).read_text()
-        for m in re.finditer(r'class="sd-source" href="([^"]+)".*?<h[1-4][^>]*class="sd-name"[^>]*>([^<]+)</h', page, flags=re.S):
+        blocks = r'class="sd-source" href="([^"]+)".*?<h[1-4][^>]*class="sd-name"[^>]*>([^<]+)</h'
+        for m in re.finditer(blocks, page, flags=re.S):
             url, name = html.unescape(m.group(1)), html.unescape(m.group(2))
             prefix = f"{git_url}/blob/{branch}/"
             assert url.startswith(prefix), f"{p.name}: {name} links to {url}, not {prefix}"
@@ -100,7 +102,7 @@ def test_showdoc_blocks_link_their_source_line(site):
             assert re.search(rf'\b{re.escape(name.split(".")[-1])}\b', near), f"{p.name}: {url} does not show {name}"
             checked += 1
         for b in re.findall(r'celltag_showdoc.*?(?=<div [^>]*class="jp-Cell |</main>)', page, flags=re.S):
-            assert 'class="sd-name"' in b and 'class="highlight' in b, f"{p.name}: a show_doc block without heading or signature"
+            assert 'class="sd-name"' in b and 'class="highlight' in b, f"{p.name}: show_doc lacks heading or signature"
     assert checked > 50, f"only {checked} source links found"
 
 def test_sidebar_lists_the_book_and_nothing_comes_from_a_network(site):
@@ -113,18 +115,20 @@ def test_sidebar_lists_the_book_and_nothing_comes_from_a_network(site):
         assert '<script' not in page, f"{p.name}: scripts (a CDN?)"
         assert not re.search(r'<(link|img|iframe)[^>]+(href|src)="(https?:)?//', page), f"{p.name}: a remote asset"
     for css in ('docs.css', 'pygments.css'):
-        assert not re.search(r'@import|url\(\s*["\']?(https?:)?//', (site/css).read_text()), f"{css} loads a remote asset"
+        remote = re.search(r'@import|url\(\s*["\']?(https?:)?//', (site/css).read_text())
+        assert not remote, f"{css} loads a remote asset"
 
 def test_executed_page_shows_outputs(executed):
     page, nb = executed
-    plots = sum('image/png' in o.get('data', {}) for c in nb.cells if c.cell_type == 'code' for o in c.get('outputs', []))
+    outs = [o for c in nb.cells if c.cell_type == 'code' for o in c.get('outputs', [])]
+    plots = sum('image/png' in o.get('data', {}) for o in outs)
     assert plots >= 1, f"{EXEC_NB} executed but produced no plot"
     imgs = len(re.findall(r'<img\b[^>]*\bsrc="data:image/png;base64,', page))
     assert imgs >= plots, f"{EXEC_NB}: {plots} plots, {imgs} images on the page"
     assert '<table' in page and 'class="dataframe"' in page, f"{EXEC_NB}: the DataFrame outputs are missing"
     src = nbformat.read(ROOT/'nbs'/f'{EXEC_NB}.ipynb', as_version=4)
     assert page.count('<math') >= len(_formulas(src)) > 0, f"{EXEC_NB}: formulas not rendered"
-    assert not re.search(r'\b(In|Out)\s*\[\s*\d*\s*\]:', _text(page)), "prompts on the executed page"
+    assert not PROMPT.search(_text(page)), "prompts on the executed page"
 
 def test_flagged_cells_skipped_and_a_failing_cell_named(tmp_path):
     "Cells flagged with settings.ini tst_flags do not run; a cell that raises fails the build with one line naming it"
@@ -133,8 +137,8 @@ def test_flagged_cells_skipped_and_a_failing_cell_named(tmp_path):
         cs += [nbformat.v4.new_code_cell(c) for c in cells]
         nbformat.write(nbformat.v4.new_notebook(cells=cs), path)
         return path
-    ok = nb(tmp_path/'probe_ok.ipynb', "#| slow\nraise SystemExit('slow cell ran')", "#| cuda\nraise SystemExit('cuda cell ran')",
-            "print(6 * 7)")
+    ok = nb(tmp_path/'probe_ok.ipynb', "#| slow\nraise SystemExit('slow cell ran')",
+            "#| cuda\nraise SystemExit('cuda cell ran')", "print(6 * 7)")
     r = _build(tmp_path/'out', tmp_path/'proc', '--only', str(ok))
     assert r.returncode == 0, r.stderr[-2000:]
     page = (tmp_path/'out'/'probe_ok.html').read_text()
@@ -143,4 +147,5 @@ def test_flagged_cells_skipped_and_a_failing_cell_named(tmp_path):
     r = _build(tmp_path/'out', tmp_path/'proc', '--only', str(bad))
     assert r.returncode == 1
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith('docs:')]
-    assert lines == ["docs: probe_bad.ipynb: cell 3 of 4 (`x / 0`) raised ZeroDivisionError: division by zero"], r.stderr[-2000:]
+    want = "docs: probe_bad.ipynb: cell 3 of 4 (`x / 0`) raised ZeroDivisionError: division by zero"
+    assert lines == [want], r.stderr[-2000:]

@@ -79,7 +79,7 @@ def execute(nb, path, flags):
                 return f'{path.name}: cell {i} of {len(nb.cells)} (`{first.strip()[:80]}`) raised {err}'
 
 def _showdoc_renderer():
-    "nbdev's show_doc renderer, as HTML-in-markdown that needs no quarto: source link, signature box, docstring, docments table"
+    "nbdev's show_doc renderer as HTML-in-markdown without quarto: source link, signature, docstring, docments table"
     from fastcore.docments import DocmentTbl
     from nbdev.doclinks import NbdevLookup
     from nbdev.showdoc import BasicMarkdownRenderer
@@ -89,7 +89,8 @@ def _showdoc_renderer():
         def _repr_markdown_(self):
             src = NbdevLookup().code(self.fn)
             h = self.title_level
-            md = f'<a class="sd-source" href="{html.escape(src)}" target="_blank" rel="noopener">source</a>\n\n' if src else ''
+            link = f'<a class="sd-source" href="{html.escape(src)}" target="_blank" rel="noopener">source</a>'
+            md = f'{link}\n\n' if src else ''
             md += f'<h{h} id="{html.escape(self.nm.lower())}" class="sd-name">{html.escape(self.nm)}</h{h}>\n\n'
             for v in self.dm.dm.values():   # the per-parameter comments go in the table below
                 v['docment'] = None
@@ -118,7 +119,8 @@ def prepare(src, dst, do_exec):
         FilterDefaults()(nb)
         write_nb(nb, dst)
     except Exception as e:
-        return Path(src).stem, time.time() - t0, f'{Path(src).name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'
+        msg = (str(e).splitlines() or [''])[0]
+        return Path(src).stem, time.time() - t0, f'{Path(src).name}: {type(e).__name__}: {msg}'
     return Path(src).stem, time.time() - t0, None
 
 def prepare_all(jobs):
@@ -221,7 +223,8 @@ def render_page(body, fm, desc_html, nav, current, site):
     "The page shell: sidebar (book order), header (title + description), cells, on-page contents"
     items = '\n'.join(f'<li><a href="{href}"{" class=current" if href == current else ""}>{html.escape(t)}</a></li>'
                       for href, t in nav)
-    toc = '\n'.join(f'<li class="toc-h{lv}"><a href="#{html.escape(i)}">{html.escape(t)}</a></li>' for lv, i, t in _toc(body))
+    toc = '\n'.join(f'<li class="toc-h{lv}"><a href="#{html.escape(i)}">{html.escape(t)}</a></li>'
+                     for lv, i, t in _toc(body))
     title = html.escape(str(fm.get('title', current)))
     return f'''<!DOCTYPE html>
 <html lang="en">
@@ -318,10 +321,11 @@ def main(argv=None):
         raise SystemExit(1)
     render(srcs, proc, out, nav, cfg)
     slow = ', '.join(f'{k} {v:.0f}s' for k, v in sorted(times.items(), key=lambda kv: -kv[1])[:4])
-    print(f"{len(srcs)} pages in {out} ({'not executed' if a.no_exec else 'executed'}; {time.time() - t0:.0f}s; slowest: {slow})")
+    how = 'not executed' if a.no_exec else 'executed'
+    print(f"{len(srcs)} pages in {out} ({how}; {time.time() - t0:.0f}s; slowest: {slow})")
 
 def readme_text(nb_path='nbs/index.ipynb'):
-    "README.md from the front-page notebook: its markdown cells and visible code cells (quarto's nbdev_readme does this with quarto)"
+    "README.md from the front-page notebook: markdown and visible code cells (quarto's nbdev_readme, without quarto)"
     import nbformat
     nb = nbformat.read(nb_path, as_version=4)
     parts = []
