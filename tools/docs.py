@@ -133,23 +133,21 @@ def prepare_all(jobs):
 
 def run_all(srcs, proc, do_exec, workers):
     "`prepare` the notebooks in `workers` processes, longest first (timings of the last run); stop at the first error"
-    # An executed notebook gets a fresh process of its own, as under nbdev_test; processing alone shares processes.
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    # Each task runs in a fresh process (maxtasksperchild=1): an executed notebook alone, as under nbdev_test;
+    # without execution, one share of the notebooks per worker.
     from multiprocessing import get_context
     tfile = proc/'timings.json'
     last = json.loads(tfile.read_text()) if tfile.is_file() else {}
     srcs = sorted(srcs, key=lambda p: -last.get(p.stem, 0))
     jobs = [(p, proc/p.name, do_exec) for p in srcs]
-    chunks = [[j] for j in jobs] if do_exec else [jobs[i::workers] for i in range(workers)]
+    chunks = [[j] for j in jobs] if do_exec else [c for c in (jobs[i::workers] for i in range(workers)) if c]
     times, errors = {}, []
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context('spawn'), max_tasks_per_child=1) as ex:
-        futs = [ex.submit(prepare_all, c) for c in chunks if c]
-        for f in as_completed(futs):
-            for name, secs, err in f.result():
+    with get_context('spawn').Pool(workers, maxtasksperchild=1) as pool:   # leaving the block stops what still runs
+        for res in pool.imap_unordered(prepare_all, chunks):
+            for name, secs, err in res:
                 times[name] = secs
                 if err: errors.append(err)
-            if errors:
-                for g in futs: g.cancel()
+            if errors: break
     if do_exec and not errors: tfile.write_text(json.dumps({**last, **times}, indent=1))
     return times, errors
 
