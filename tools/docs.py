@@ -16,7 +16,7 @@
    natively) and each page gets the site's shell: title and description from the front matter, a sidebar with
    every page in book order, an on-page table of contents, and local CSS (`tools/docs_assets/`).
 """
-import argparse, html, json, os, re, shutil, sys, time
+import argparse, html, json, os, re, shutil, signal, subprocess, sys, threading, time
 from pathlib import Path
 
 TOOLS = Path(__file__).resolve().parent
@@ -131,23 +131,61 @@ def prepare_all(jobs):
         if out[-1][2]: break
     return out
 
+def _prepare_cli(result_file, jobs_json):
+    "Worker entry point (`docs.py --prepare RESULT JOBS`): run `prepare_all` and write its results as JSON"
+    jobs = [(Path(src), Path(dst), do_exec) for src, dst, do_exec in json.loads(jobs_json)]
+    Path(result_file).write_text(json.dumps(prepare_all(jobs)))
+
+def _kill(pr):
+    "Stop a worker and whatever it started (DataLoader workers, kernels): it leads its own process group"
+    try: os.killpg(pr.pid, signal.SIGTERM)
+    except ProcessLookupError: pass
+
 def run_all(srcs, proc, do_exec, workers):
-    "`prepare` the notebooks in `workers` processes, longest first (timings of the last run); stop at the first error"
-    # Each task runs in a fresh process (maxtasksperchild=1): an executed notebook alone, as under nbdev_test;
-    # without execution, one share of the notebooks per worker.
-    from multiprocessing import get_context
+    "`prepare` the notebooks in `workers` parallel processes, longest first (last run's timings); stop at an error"
+    # Each worker is a fresh interpreter: an executed notebook gets one of its own, as under nbdev_test; without
+    # execution each worker processes its share. Plain processes, not a multiprocessing pool, whose daemonic workers
+    # could not start the DataLoader workers and kernels that the notebooks start.
+    from concurrent.futures import ThreadPoolExecutor
     tfile = proc/'timings.json'
     last = json.loads(tfile.read_text()) if tfile.is_file() else {}
     srcs = sorted(srcs, key=lambda p: -last.get(p.stem, 0))
-    jobs = [(p, proc/p.name, do_exec) for p in srcs]
+    jobs = [(str(p), str(proc/p.name), do_exec) for p in srcs]
     chunks = [[j] for j in jobs] if do_exec else [c for c in (jobs[i::workers] for i in range(workers)) if c]
+    stop, lock, running = threading.Event(), threading.Lock(), set()
+
+    def work(i):
+        res = proc/f'.result{i}.json'
+        res.unlink(missing_ok=True)
+        with lock:
+            if stop.is_set(): return []
+            pr = subprocess.Popen([sys.executable, __file__, '--prepare', str(res), json.dumps(chunks[i])],
+                                  start_new_session=True)
+            running.add(pr)
+        pr.wait()
+        with lock: running.discard(pr)
+        if stop.is_set(): return []
+        first = Path(chunks[i][0][0])
+        died = [(first.stem, 0., f'{first.name}: the worker died (exit code {pr.returncode})')]
+        out = json.loads(res.read_text()) if res.is_file() else died
+        res.unlink(missing_ok=True)
+        if any(err for _, _, err in out):
+            stop.set()
+            with lock:
+                for q in running: _kill(q)
+        return out
+
     times, errors = {}, []
-    with get_context('spawn').Pool(workers, maxtasksperchild=1) as pool:   # leaving the block stops what still runs
-        for res in pool.imap_unordered(prepare_all, chunks):
-            for name, secs, err in res:
-                times[name] = secs
-                if err: errors.append(err)
-            if errors: break
+    try:
+        with ThreadPoolExecutor(workers) as ex:
+            for out in ex.map(work, range(len(chunks))):
+                for name, secs, err in out:
+                    times[name] = secs
+                    if err: errors.append(err)
+    finally:   # Ctrl-C or an error here: no worker outlives the build
+        stop.set()
+        with lock:
+            for q in running: _kill(q)
     if do_exec and not errors: tfile.write_text(json.dumps({**last, **times}, indent=1))
     return times, errors
 
@@ -335,4 +373,5 @@ def readme_text(nb_path='nbs/index.ipynb'):
 
 if __name__ == '__main__':
     if sys.argv[1:2] == ['--readme']: Path('README.md').write_text(readme_text(), encoding='utf-8')
+    elif sys.argv[1:2] == ['--prepare']: _prepare_cli(*sys.argv[2:4])
     else: main()
