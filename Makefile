@@ -52,9 +52,12 @@ gpu-check:
 test: clean-check nbtest pytest
 	$(MAKE) gpu-check DEVICE=cpu
 
-# Offline docs: nbdev's processors, then nbconvert to HTML; quarto's nbdev_docs where it exists.
+# Offline docs in _docs/ (tools/docs.py): every notebook executed at its defaults into _proc/ (never nbs/), nbdev's
+# processors, then nbconvert with local CSS and MathML formulas; DOCS_FLAGS=--no-exec skips execution.
+# With quarto installed, nbdev_docs builds the GitHub Pages site instead.
+DOCS_FLAGS ?=
 docs: $(STAMP)
-	@if command -v quarto >/dev/null; then $(BIN)/nbdev_docs; else $(PY) tools/docs.py _docs; fi
+	@if command -v quarto >/dev/null; then $(BIN)/nbdev_docs; else $(PY) tools/docs.py _docs $(DOCS_FLAGS); fi
 
 bench: $(STAMP)
 	$(BIN)/glr_bench all
