@@ -313,7 +313,7 @@ RANSAC_METHODS = dict(degensac=None, magsac=cv2.USAC_MAGSAC, accurate=cv2.USAC_A
 def _fit(p0, p1, method, threshold, confidence, max_iters):
     if method == 'degensac':
         import pydegensac
-        return pydegensac.findHomography(p0.astype(np.float64), p1.astype(np.float64), threshold, confidence, max_iters)
+        return pydegensac.findHomography(p0.astype(np.float64), p1.astype(np.float64), threshold, confidence, max_iters, seed=0)
     return cv2.findHomography(p0.astype(np.float32), p1.astype(np.float32), RANSAC_METHODS[method], threshold,
                               maxIters=max_iters, confidence=confidence)
 

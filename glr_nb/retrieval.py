@@ -12,10 +12,10 @@ from . import core
 from .core import GLRError, script, atomic_write, save_json, get_logger, default_device, file_digest
 
 # %% auto #0
-__all__ = ['BAD_LABEL', 'DEFAULT_WEIGHTS', 'embed_batch', 'extract', 'ids_sha1', 'cache_state', 'cached_extract',
-           'load_embeddings', 'checkpoint_key', 'embed_checkpoint', 'ensemble', 'knn', 'query_expansion', 'CandList',
-           'search', 'model_lists', 'merge_lists', 'vote', 'plot_gallery', 'image_set', 'glr_extract', 'bench_knn',
-           'bench_extract']
+__all__ = ['BAD_LABEL', 'DEFAULT_WEIGHTS', 'embed_batch', 'extract', 'reference_decode', 'decode_difference', 'ids_sha1',
+           'cache_state', 'cached_extract', 'load_embeddings', 'checkpoint_key', 'embed_checkpoint', 'ensemble', 'knn',
+           'query_expansion', 'CandList', 'search', 'model_lists', 'merge_lists', 'vote', 'plot_gallery', 'image_set',
+           'glr_extract', 'bench_knn', 'bench_extract']
 
 # %% ../nbs/04_retrieval.ipynb #9d89d6de
 BAD_LABEL = -100  # the label glr_nb.data.ImageDataset gives an unreadable image
@@ -59,6 +59,27 @@ def extract(model,           # GLRNet-like: `extract_feature(x)` (or a plain mod
         if pbar is not None: pbar.update(len(xb))
     if bad: (log or get_logger()).warning(f"extract: {bad} unreadable image(s) embedded as blanks")
     return np.concatenate(out) if out else np.zeros((0, 0), np.float16)
+
+# %% ../nbs/04_retrieval.ipynb #0214f950
+def reference_decode(path, size=800)->torch.Tensor:
+    "An image as the reference's `TestDataset` gives it: OpenCV decode, RGB, cv2 bilinear resize to size x size, ImageNet-normalised"
+    import cv2
+    from glr_nb.images import IMAGENET_MEAN, IMAGENET_STD
+    im = cv2.imread(str(path))
+    if im is None: raise GLRError(f"{path}: not a readable image")
+    im = cv2.resize(np.ascontiguousarray(im[..., ::-1]), (size, size))
+    x = (im.astype(np.float32) / 255 - np.float32(IMAGENET_MEAN)) / np.float32(IMAGENET_STD)
+    return torch.from_numpy(x.transpose(2, 0, 1).copy())
+
+def decode_difference(model,      # a model with `extract_feature`
+                      paths,      # image files
+                      size=800,   # square input size
+                      device='cpu')->np.ndarray:
+    "Per image, the cosine between `model`'s embeddings of our decode (`ImageDataset`) and the reference's"
+    from glr_nb.images import ImageDataset
+    ours = extract(model, ImageDataset(paths, size=size), bs=4, device=device).astype(np.float32)
+    ref = extract(model, TensorDataset(torch.stack([reference_decode(p, size) for p in paths]), torch.zeros(len(paths))), bs=4, device=device)
+    return (ours * ref.astype(np.float32)).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(ref.astype(np.float32), axis=1)
 
 # %% ../nbs/04_retrieval.ipynb #0d16f716
 def ids_sha1(ids)->str:
@@ -314,7 +335,7 @@ def search(q,              # [nq, D] query embeddings (unit vectors)
     lab = np.full(i.shape, -1, np.int64) if labels is None else np.asarray(labels, np.int64)[i]
     return CandList(i, lab, s)
 
-# %% ../nbs/04_retrieval.ipynb #c1535ca4
+# %% ../nbs/04_retrieval.ipynb #863ae71b
 def model_lists(q_embs:dict,       # model -> [nq, D_m] query embeddings, in ensemble order
                 db_embs:dict,      # model -> [n, D_m] database embeddings of the same models
                 labels=None,       # [n] database labels (None for the non-landmark gallery)
@@ -327,7 +348,7 @@ def model_lists(q_embs:dict,       # model -> [nq, D_m] query embeddings, in ens
     for i, m in enumerate(q_embs, 1): out[f'm{i}'] = search(q_embs[m], db_embs[m], k, labels, backend)
     return out
 
-# %% ../nbs/04_retrieval.ipynb #ad561423
+# %% ../nbs/04_retrieval.ipynb #dd024b8c
 def _union(I, L, S):
     "Per row, one entry per distinct id with its summed score, sorted by sum (ties: list order); repeats last"
     n, m = I.shape
@@ -353,7 +374,7 @@ def merge_lists(lists:list,    # CandLists over one database (the per-model list
         I, L, S = _union(np.c_[I, l.idx], np.c_[L, l.label], np.c_[S, np.asarray(l.score, np.float64) * w])
     return CandList(I[:, :k], L[:, :k], S[:, :k])
 
-# %% ../nbs/04_retrieval.ipynb #5512f644
+# %% ../nbs/04_retrieval.ipynb #5e6cdbed
 def vote(cl:CandList,  # candidate list (any score: cosine, re-rank score)
          top_k=3       # entries that vote, from the front of the list (None: all)
         )->tuple:

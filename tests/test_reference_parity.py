@@ -5,7 +5,7 @@ The reference is looked up at `$GLR_REFERENCE`, else `<repo>/../shared/seed/refe
 Only pure functions are executed (numpy, pandas, scikit-learn, LightGBM, pydegensac; no faiss, TensorFlow or torch).
 The reference was written for pandas 1 and LightGBM 3: its code runs under `future.infer_string = False` (object
 strings, as pandas 1 read them) and with a two-line `lgb.train` adapter for LightGBM 4's signature."""
-import ast, contextlib, copy, functools, json, operator, os, pickle, warnings
+import ast, contextlib, copy, functools, json, operator, os, pickle, types, warnings
 from argparse import Namespace
 from collections import Counter
 from pathlib import Path
@@ -148,7 +148,9 @@ def test_rerank_lists_are_rescore_and_rerank_by_num_inliers():
             f1 = {'kp': feats[d]['kp'].copy(), 'scale': feats[d]['scale']}
             m0[(q, d)] = _pair_matches(rng, feats[q], f1, rng.choice([0., .02, .08, .3, .7]))
             feats[(q, d)] = f1                                                 # image 1's keypoints for this pair
-    R = ref('get_total_score', 'compute_num_inliers', 'rescore_and_rerank_by_num_inliers')
+    # pydegensac's default seed is new on every call (the reference's call uses it); both sides get seed 0 here
+    R = ref('get_total_score', 'compute_num_inliers', 'rescore_and_rerank_by_num_inliers',
+            pydegensac=types.SimpleNamespace(findHomography=lambda *a: pydegensac.findHomography(*a, seed=0)))
     R.update(get_ransac_cache_dir=lambda args: ('none', 'none'), get_cached_num_inliers=lambda d, a, b: (None, None),
              load_cached_matches=lambda d, q, i: {'matches0': [m0[(q, i)]]})
     cur = {}
