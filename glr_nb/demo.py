@@ -45,7 +45,7 @@ def to_html(nb)->Path:
 
 # %% ../nbs/09_demo.ipynb #26f097ab
 DEMO = dict(arches=('test_resnet', 'test_efficientnet'), img_size=64, epochs=15, lr=0.05, batch_size=32,
-            valid_num=400, n_gallery=200)
+            valid_num=250, n_gallery=80)
 DEMO_SUBMIT = dict(img_size=DEMO['img_size'], bs=128, workers=0, rerank_size=0, min_child_samples=20, stack_threads=1)
 
 def demo_data(data_dir,         # folder of the demo dataset
@@ -61,7 +61,7 @@ def demo_data(data_dir,         # folder of the demo dataset
         log.info('writing the splits'); make_splits(data, seed=seed, valid_num=valid_num, n_gallery=n_gallery)
     return data
 
-# %% ../nbs/09_demo.ipynb #8bdaf09a
+# %% ../nbs/09_demo.ipynb #414f5c50
 def demo_models(data_dir,       # the demo dataset (`demo_data`)
                 result_dir,     # models go to RESULT_DIR/models, training reports to RESULT_DIR/report
                 seed=0, progress=True, log=None,
@@ -80,7 +80,7 @@ def demo_models(data_dir,       # the demo dataset (`demo_data`)
         if not ck.is_file(): raise GLRError(f"{nb}: training wrote no {ck}")
     return ','.join(f'{m}={p}:{1 / len(cks)}' for m, p in cks.items())
 
-# %% ../nbs/09_demo.ipynb #cf833e2d
+# %% ../nbs/09_demo.ipynb #785fad97
 def demo_inputs(s:SubmitSettings,     # settings to complete (its data_dir/result_dir are used when set)
                 seed=0,               # seed of the data, splits and training
                 demo_sizes:dict=None, # overrides of the demo dataset's sizes
@@ -93,7 +93,7 @@ def demo_inputs(s:SubmitSettings,     # settings to complete (its data_dir/resul
     ck = demo_models(dd, rd, seed, progress, log, **{k: v for k, v in kw.items() if k not in ('valid_num', 'n_gallery')})
     return s.replace(data_dir=str(dd), result_dir=str(rd), checkpoints=ck)
 
-# %% ../nbs/09_demo.ipynb #2d12bc16
+# %% ../nbs/09_demo.ipynb #e87ddbdf
 def run_demo(out,                  # output folder: submission.csv, metrics.json, report/
              data_dir=None,        # demo data folder (default out/data); built if missing
              seed=0,               # seed of the data, splits and training

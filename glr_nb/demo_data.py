@@ -171,10 +171,10 @@ def jpeg_bytes(img,         # uint8 [h,w,3] RGB
 DEMO_SIZES = dict(n_landmarks=48,        # clean landmark classes (in train_clean.csv)
                   n_big=2,               # of which this many have `big_images` clean images
                   big_images=(200, 240), small_images=(3, 40),
-                  v2x_extra=.4,          # extra train.csv images per clean class, as a fraction (v2x-only)
+                  v2x_extra=.2,          # extra train.csv images per clean class, as a fraction (v2x-only)
                   n_other=40, other_images=(1, 6),  # landmarks only in train.csv: the non-landmark pool
                   n_test=300,            # raw/test.csv queries (= the recognition solution's rows)
-                  n_2019=420,            # more pool images, spread over the `n_other` landmarks (they stand in
+                  n_2019=200,            # more pool images, spread over the `n_other` landmarks (they stand in
                                          # for the 2019 test non-landmarks; the name is historical)
                   n_index=300,           # raw/index.csv images
                   nl_ratio=4.,           # non-landmark queries per landmark query
