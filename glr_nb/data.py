@@ -151,12 +151,12 @@ def nonlandmark_pool(sol,       # recognition solution DataFrame, or None
                      test_ids,  # ids of raw/test.csv (left out)
                      train,     # train.csv DataFrame
                      tc):       # train_clean DataFrame
-    "Non-landmark images outside the test queries, in file order: 2019 rows without a landmark, then train.csv images of other landmarks"
+    "Non-landmark candidates outside the test queries, in file order: 2019 rows without a landmark, then train.csv ones"
     a = pd.Series([], dtype=object) if sol is None else sol.id[(sol.landmarks == '') & ~sol.id.isin(test_ids)]
     b = train.id[~train.landmark_id.isin(tc.landmark_id) & ~train.id.isin(test_ids) & ~train.id.isin(a)].drop_duplicates()
     return pd.DataFrame(dict(id=np.r_[a.to_numpy(), b.to_numpy()], subset=['test']*len(a) + ['train']*len(b)))
 
-# %% ../nbs/01_data.ipynb #8f95a72e
+# %% ../nbs/01_data.ipynb #7cf2ad12
 def _landmark_queries(t20, v2x, s19, n):
     "2019 rows showing one v2c landmark, then v2x-only images of `num // 2` drawn landmarks (at most 20 each), `num` drawn"
     m = t20.drop_duplicates('landmark_id')
@@ -164,14 +164,15 @@ def _landmark_queries(t20, v2x, s19, n):
     a = s19[s19.landmarks.isin(lab.index)]
     a = pd.DataFrame(dict(id=a.id, subset='test', landmark_id=lab[a.landmarks].to_numpy(), landmarks=a.landmarks))
     num = n - len(a)
-    if num < 0: get_logger('glr_nb.data').warning(f"validation set: {len(a)} 2019 landmark queries exceed 20% ({n}); keeping all")
+    if num < 0:
+        get_logger('glr_nb.data').warning(f"validation set: {len(a)} 2019 landmark queries exceed 20% ({n}); keeping all")
     x = v2x[~v2x.id.isin(t20.id)]
     cls = _sample(x.drop_duplicates('landmark_id'), num // 2, 'v2x-only landmarks').landmark_id
     b = _sample(x[x.landmark_id.isin(cls)].groupby('landmark_id').head(20), num, 'v2x-only landmark images')
     b = pd.DataFrame(dict(id=b.id, subset='train', landmark_id=b.landmark_id, landmarks=b.landmarks.astype(str)))
     return pd.concat([a, b], ignore_index=True)
 
-# %% ../nbs/01_data.ipynb #e2853b00
+# %% ../nbs/01_data.ipynb #7ca83fd3
 def _from_test_first(pool, n, what):
     "Draw from the pool's 2019 rows when they suffice, else from the whole pool"
     p19 = pool[pool.subset == 'test']
@@ -187,15 +188,16 @@ def validation_set(t20,        # train2020: every v2c image (id, landmark_id = l
                    n_gallery=5000):  # non-landmark gallery images
     "`(queries, index, gallery)` DataFrames drawn by the reference's `main()` rule"
     s19 = sol[~sol.id.isin(test_ids)]
-    if len(s19) < len(sol): get_logger('glr_nb.data').info(f"validation set: {len(sol) - len(s19)} solution rows are test.csv queries; left out")
+    if len(s19) < len(sol):
+        get_logger('glr_nb.data').info(f"validation set: {len(sol) - len(s19)} solution rows are test.csv queries; left out")
     lm = _landmark_queries(t20, v2x, s19, int(valid_num * 0.2))
     nl = _from_test_first(pool, valid_num - len(lm), 'non-landmark queries').assign(landmark_id=-1, landmarks='')
     q = pd.concat([lm, nl], ignore_index=True)
     inq = trn.landmarks.isin(lm.landmarks.astype(np.int64))
     ix = pd.concat([trn[inq], _sample(trn[~inq], 10 * valid_num - int(inq.sum()), 'index images')]).assign(subset='train')
     gal = _from_test_first(pool[~pool.id.isin(q.id)], n_gallery, 'gallery images')
-    return (q[['id', 'subset', 'landmark_id', 'landmarks']], ix[['id', 'subset', 'landmark_id', 'landmarks']].reset_index(drop=True),
-            gal.reset_index(drop=True))
+    cols = ['id', 'subset', 'landmark_id', 'landmarks']
+    return q[cols], ix[cols].reset_index(drop=True), gal.reset_index(drop=True)
 
 # %% ../nbs/01_data.ipynb #73595ccb
 def make_splits(data_dir,         # DATA_DIR holding raw/
@@ -216,14 +218,16 @@ def make_splits(data_dir,         # DATA_DIR holding raw/
     test_ids = read_ids(raw/'test.csv').id if (raw/'test.csv').is_file() else pd.Series([], dtype=object)
     if (raw/'recognition_solution_v2.1.csv').is_file():
         sol = read_recognition_solution(raw/'recognition_solution_v2.1.csv')
-        q, ix, gal = validation_set(t20, trn, v2x, sol, test_ids, nonlandmark_pool(sol, test_ids, train, tc), valid_num, n_gallery)
+        pool = nonlandmark_pool(sol, test_ids, train, tc)
+        q, ix, gal = validation_set(t20, trn, v2x, sol, test_ids, pool, valid_num, n_gallery)
         res.update({'val/query.csv': q, 'val/index.csv': ix, 'nonlandmark.csv': gal})
         # no leakage: the validation queries (v2x-only images among them) never train a model
         res['v2x/random_train_cv0.csv'] = v2x[~v2x.id.isin(q.id)].reset_index(drop=True)
         res['v2c/random_train_cv0.csv'] = trn[~trn.id.isin(q.id)].reset_index(drop=True)
     else:
         log.warning(f"{raw/'recognition_solution_v2.1.csv'} not found: no validation set; gallery from train.csv only")
-        res['nonlandmark.csv'] = _sample(nonlandmark_pool(None, test_ids, train, tc), n_gallery, 'gallery images').reset_index(drop=True)
+        pool = nonlandmark_pool(None, test_ids, train, tc)
+        res['nonlandmark.csv'] = _sample(pool, n_gallery, 'gallery images').reset_index(drop=True)
     for k, v in res.items(): save_csv(v, out/k)
     log.info(f"split written to {out}: " + ', '.join(f'{k} {len(v)}' for k, v in res.items()))
     return {k: len(v) for k, v in res.items()}

@@ -61,7 +61,7 @@ def demo_data(data_dir,         # folder of the demo dataset
         log.info('writing the splits'); make_splits(data, seed=seed, valid_num=valid_num, n_gallery=n_gallery)
     return data
 
-# %% ../nbs/09_demo.ipynb #414f5c50
+# %% ../nbs/09_demo.ipynb #db3efffd
 def demo_models(data_dir,       # the demo dataset (`demo_data`)
                 result_dir,     # models go to RESULT_DIR/models, training reports to RESULT_DIR/report
                 seed=0, progress=True, log=None,
@@ -76,11 +76,12 @@ def demo_models(data_dir,       # the demo dataset (`demo_data`)
         nb = run_notebook(find_notebook('90_train.ipynb'), rd/'report'/f'90_train_{arch}.ipynb',
                           dict(arch=arch, data_dir=str(data_dir), result_dir=str(rd), out_dir=name, epochs=cfg['epochs'],
                                img_size=cfg['img_size'], eval_img_size=cfg['img_size'], batch_size=cfg['batch_size'],
-                               save_every_epoch=1.0, pretrained=None, extra=f"--lr {cfg['lr']} --seed {seed}"), progress=progress)
+                               save_every_epoch=1.0, pretrained=None, extra=f"--lr {cfg['lr']} --seed {seed}"),
+                          progress=progress)
         if not ck.is_file(): raise GLRError(f"{nb}: training wrote no {ck}")
     return ','.join(f'{m}={p}:{1 / len(cks)}' for m, p in cks.items())
 
-# %% ../nbs/09_demo.ipynb #785fad97
+# %% ../nbs/09_demo.ipynb #7b99d1c2
 def demo_inputs(s:SubmitSettings,     # settings to complete (its data_dir/result_dir are used when set)
                 seed=0,               # seed of the data, splits and training
                 demo_sizes:dict=None, # overrides of the demo dataset's sizes
@@ -93,7 +94,7 @@ def demo_inputs(s:SubmitSettings,     # settings to complete (its data_dir/resul
     ck = demo_models(dd, rd, seed, progress, log, **{k: v for k, v in kw.items() if k not in ('valid_num', 'n_gallery')})
     return s.replace(data_dir=str(dd), result_dir=str(rd), checkpoints=ck)
 
-# %% ../nbs/09_demo.ipynb #e87ddbdf
+# %% ../nbs/09_demo.ipynb #9f27b5c5
 def run_demo(out,                  # output folder: submission.csv, metrics.json, report/
              data_dir=None,        # demo data folder (default out/data); built if missing
              seed=0,               # seed of the data, splits and training
@@ -104,7 +105,8 @@ def run_demo(out,                  # output folder: submission.csv, metrics.json
     out = Path(out).resolve(); out.mkdir(parents=True, exist_ok=True)
     log, t0 = get_logger('glr_demo', out/'demo.log'), time.time()
     sk = {k: v for k, v in kw.items() if k in SubmitSettings.names()}
-    s = SubmitSettings.of({**DEMO_SUBMIT, **sk}, result_dir=str(out), out_dir=str(out), data_dir=str(data_dir) if data_dir else None)
+    s = SubmitSettings.of({**DEMO_SUBMIT, **sk}, result_dir=str(out), out_dir=str(out),
+                          data_dir=str(data_dir) if data_dir else None)
     s = demo_inputs(s, seed, demo_sizes, progress, log, **{k: v for k, v in kw.items() if k not in sk})
     log.info(f'retrieval, re-rank, stacking ({time.time()-t0:.0f}s)')
     run_notebook(find_notebook('91_submit.ipynb'), out/'report'/'91_submit.ipynb', s.asdict(), progress=progress)

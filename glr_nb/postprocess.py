@@ -59,7 +59,7 @@ def _add_nl(f, cl, i):
     s = np.asarray(cl.score, np.float32)
     for j in range(s.shape[1]): f[f'm{i}_nol_top{j}_score'] = s[:, j]
 
-# %% ../nbs/06_postprocess.ipynb #4d1df955
+# %% ../nbs/06_postprocess.ipynb #c0c6eede
 def _add_list(f, labels, cl, i):
     "add_features: per top label its best and mean cosine in list `cl`, and their whole-set statistics by top-1 label"
     L, S, top_k = cl.label, np.asarray(cl.score, np.float32), labels.shape[1]
@@ -79,7 +79,7 @@ def _add_multi(f, n_lists, top_k):
             sub = pd.DataFrame({c: f[c] for c in [f'm{m}_{col.format(t=t)}' for m in range(n_lists)]})
             f[f'{name}_mean'], f[f'{name}_std'] = sub.mean(axis=1).to_numpy(), sub.std(axis=1).to_numpy()
 
-# %% ../nbs/06_postprocess.ipynb #62c6efc9
+# %% ../nbs/06_postprocess.ipynb #eeb60ade
 def stack_features(merged:CandList,      # the merged list re-scored by inliers (the reference's `en`)
                    lists:dict,           # 'm0', 'm1', ...: index lists of the ensemble, then of each model
                    nl_lists:dict,        # the same names: the non-landmark gallery lists
@@ -140,8 +140,9 @@ def make_synthetic_stack(n_queries:int=600, # queries
     nl_lists = {m: CandList(np.zeros((n_queries, k), np.int64), np.full((n_queries, k), -1), nl()) for m in lists}
     t = np.where(is_nl, -1, true)
     merged = merge_lists([lists[f'm{i}'] for i in range(1, n_models + 1)], [1 / n_models] * n_models, k)
+    truth = [[] if n else [int(x)] for n, x in zip(is_nl, true)]
     return dict(merged=_with_inliers(merged, rng, t, 90, True), lists=lists, nl_lists=nl_lists,
-                ransac=_with_inliers(lists['m0'], rng, t, 70, False), truth=[[] if n else [int(x)] for n, x in zip(is_nl, true)])
+                ransac=_with_inliers(lists['m0'], rng, t, 70, False), truth=truth)
 
 # %% ../nbs/06_postprocess.ipynb #39c1f5c2
 def lgb_params(num_class:int=5, # top_k + 2
@@ -206,7 +207,8 @@ def _train_one(X, y, cols, tr, va, p):
     dtr, dva = lgb.Dataset(X[tr], y[tr], feature_name=cols), lgb.Dataset(X[va], y[va], feature_name=cols)
     es = p['early_stopping_rounds']
     cb = [lgb.early_stopping(es, verbose=False)] if es else []
-    b = lgb.train(q, dtr, num_boost_round=p['num_boost_round'], valid_sets=[dtr, dva], valid_names=['train', 'valid'], callbacks=cb)
+    b = lgb.train(q, dtr, num_boost_round=p['num_boost_round'], valid_sets=[dtr, dva], valid_names=['train', 'valid'],
+                  callbacks=cb)
     return lgb.Booster(model_str=b.model_to_string(num_iteration=b.best_iteration or None))
 
 def _oof(X, y, cols, rs, n_folds, p):
@@ -296,7 +298,8 @@ def load_stacker(path,       # folder written by `save_stacker`
     if not meta.is_file(): raise GLRError(f"{meta}: not found; pass the folder written by save_stacker")
     try: m = json.loads(meta.read_text())
     except json.JSONDecodeError as e: raise GLRError(f"{meta}: line {e.lineno}: not valid JSON ({e.msg}); re-save the stacker") from None
-    if m.get('format') != 'glr_nb.stacker/2': raise GLRError(f"{meta}: format {m.get('format')!r} is not glr_nb.stacker/2; retrain the stacker")
+    if m.get('format') != 'glr_nb.stacker/2':
+        raise GLRError(f"{meta}: format {m.get('format')!r} is not glr_nb.stacker/2; retrain the stacker")
     if key is not None and m.get('key') != key: return None
     for f in (f for fs in m['models'] for f in fs):
         if not (path/f).is_file(): raise GLRError(f"{path/f}: model file missing; re-save the stacker")

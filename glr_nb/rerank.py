@@ -491,7 +491,8 @@ class SuperGlueMatcher:
         self.sg = SuperGlue(sinkhorn_iterations=sinkhorn_iterations, match_threshold=match_threshold, weights=superglue).to(self.device)
         if self.device.type == 'cuda': self.sp = self.sp.to(memory_format=torch.channels_last)
         w0 = _digest(superpoint) if superpoint else f'rand{seed}'; w1 = _digest(superglue) if superglue else f'rand{seed}'
-        self.extract_key = f'sp-{w0}-s{size}-k{max_keypoints}-n{nms_radius}-t{keypoint_threshold}-b{remove_borders}-h{int(self.fp16)}-cv2gray'
+        self.extract_key = (f'sp-{w0}-s{size}-k{max_keypoints}-n{nms_radius}-t{keypoint_threshold}-b{remove_borders}'
+                            f'-h{int(self.fp16)}-cv2gray')
         self.match_key = f'{self.extract_key}-sg-{w1}-i{sinkhorn_iterations}-m{match_threshold}'
 
     def _autocast(self): return torch.autocast(self.device.type, dtype=torch.float16, enabled=self.fp16)

@@ -60,9 +60,9 @@ def extract(model,           # GLRNet-like: `extract_feature(x)` (or a plain mod
     if bad: (log or get_logger()).warning(f"extract: {bad} unreadable image(s) embedded as blanks")
     return np.concatenate(out) if out else np.zeros((0, 0), np.float16)
 
-# %% ../nbs/04_retrieval.ipynb #0214f950
+# %% ../nbs/04_retrieval.ipynb #be15918e
 def reference_decode(path, size=800)->torch.Tensor:
-    "An image as the reference's `TestDataset` gives it: OpenCV decode, RGB, cv2 bilinear resize to size x size, ImageNet-normalised"
+    "An image as the reference's `TestDataset` gives it: OpenCV decode, RGB, bilinear resize to size x size, normalised"
     import cv2
     from glr_nb.images import IMAGENET_MEAN, IMAGENET_STD
     im = cv2.imread(str(path))
@@ -78,8 +78,9 @@ def decode_difference(model,      # a model with `extract_feature`
     "Per image, the cosine between `model`'s embeddings of our decode (`ImageDataset`) and the reference's"
     from glr_nb.images import ImageDataset
     ours = extract(model, ImageDataset(paths, size=size), bs=4, device=device).astype(np.float32)
-    ref = extract(model, TensorDataset(torch.stack([reference_decode(p, size) for p in paths]), torch.zeros(len(paths))), bs=4, device=device)
-    return (ours * ref.astype(np.float32)).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(ref.astype(np.float32), axis=1)
+    xs = torch.stack([reference_decode(p, size) for p in paths])
+    ref = extract(model, TensorDataset(xs, torch.zeros(len(paths))), bs=4, device=device).astype(np.float32)
+    return (ours * ref).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(ref, axis=1)
 
 # %% ../nbs/04_retrieval.ipynb #0d16f716
 def ids_sha1(ids)->str:
@@ -335,7 +336,7 @@ def search(q,              # [nq, D] query embeddings (unit vectors)
     lab = np.full(i.shape, -1, np.int64) if labels is None else np.asarray(labels, np.int64)[i]
     return CandList(i, lab, s)
 
-# %% ../nbs/04_retrieval.ipynb #863ae71b
+# %% ../nbs/04_retrieval.ipynb #32081ce6
 def model_lists(q_embs:dict,       # model -> [nq, D_m] query embeddings, in ensemble order
                 db_embs:dict,      # model -> [n, D_m] database embeddings of the same models
                 labels=None,       # [n] database labels (None for the non-landmark gallery)
@@ -348,7 +349,7 @@ def model_lists(q_embs:dict,       # model -> [nq, D_m] query embeddings, in ens
     for i, m in enumerate(q_embs, 1): out[f'm{i}'] = search(q_embs[m], db_embs[m], k, labels, backend)
     return out
 
-# %% ../nbs/04_retrieval.ipynb #dd024b8c
+# %% ../nbs/04_retrieval.ipynb #803a664c
 def _union(I, L, S):
     "Per row, one entry per distinct id with its summed score, sorted by sum (ties: list order); repeats last"
     n, m = I.shape
@@ -374,7 +375,7 @@ def merge_lists(lists:list,    # CandLists over one database (the per-model list
         I, L, S = _union(np.c_[I, l.idx], np.c_[L, l.label], np.c_[S, np.asarray(l.score, np.float64) * w])
     return CandList(I[:, :k], L[:, :k], S[:, :k])
 
-# %% ../nbs/04_retrieval.ipynb #5e6cdbed
+# %% ../nbs/04_retrieval.ipynb #19291654
 def vote(cl:CandList,  # candidate list (any score: cosine, re-rank score)
          top_k=3       # entries that vote, from the front of the list (None: all)
         )->tuple:

@@ -122,7 +122,7 @@ def rerank_lists(m0:CandList,      # the ensemble's list
     o = np.argsort(-s, 1, kind='stable')
     return ransac, CandList(*[np.take_along_axis(a, o, 1) for a in (merged.idx, merged.label, s)])
 
-# %% ../nbs/08_submit.ipynb #ba74f4f6
+# %% ../nbs/08_submit.ipynb #062067df
 @dataclasses.dataclass
 class SubmitSettings(core.Settings):
     "Settings of the submission pipeline; the defaults are the reference's"
@@ -150,7 +150,7 @@ class SubmitSettings(core.Settings):
     min_child_samples: int = 100  # LightGBM min_child_samples (tiny validation sets need fewer)
     stack_threads: int = 8        # LightGBM threads
 
-# %% ../nbs/08_submit.ipynb #b43cda06
+# %% ../nbs/08_submit.ipynb #22f4d9b9
 def _pack(d:dict, pre='')->dict:
     "Flatten nested dicts of CandLists / arrays into {'a.b.idx': array}"
     from glr_nb.retrieval import CandList
@@ -169,7 +169,9 @@ def _unpack(a:dict)->dict:
         *path, last = k_.split('.'); d = out
         for p in path: d = d.setdefault(p, {})
         d[last] = v
-    fix = lambda d: CandList(d['idx'], d['label'], d['score']) if set(d) == {'idx', 'label', 'score'} else {k_: fix(v) if isinstance(v, dict) else v for k_, v in d.items()}
+    def fix(d):
+        if set(d) == {'idx', 'label', 'score'}: return CandList(d['idx'], d['label'], d['score'])
+        return {k_: fix(v) if isinstance(v, dict) else v for k_, v in d.items()}
     return fix(out)
 
 def cached_stage(path, key:dict, compute, log=None)->dict:
@@ -179,12 +181,13 @@ def cached_stage(path, key:dict, compute, log=None)->dict:
         try:
             with np.load(path, allow_pickle=False) as z:
                 if str(z['_key']) == k_: return _unpack({n: z[n] for n in z.files if n != '_key'})
-        except Exception as e: (log or get_logger()).warning(f"{path}: unreadable stage cache ({type(e).__name__}); recomputing")
+        except Exception as e:
+            (log or get_logger()).warning(f"{path}: unreadable stage cache ({type(e).__name__}); recomputing")
     out = compute()
     with atomic_write(path) as f: np.savez(f, _key=np.array(k_), **_pack(out))
     return out
 
-# %% ../nbs/08_submit.ipynb #aa53d321
+# %% ../nbs/08_submit.ipynb #6865d346
 def _test_solution(path, test_ids, log):
     "id -> true landmark ids of the test queries, or None when no solution covers them"
     if not Path(path).is_file(): log.info(f"{path} not found: a submission without a GAP"); return None
@@ -195,7 +198,8 @@ def _test_solution(path, test_ids, log):
 
 def _matcher(s, log):
     "The re-rank matcher's name, said in the log"
-    if bool(s.superpoint) != bool(s.superglue): raise GLRError("pass both --superpoint and --superglue (SuperPoint + SuperGlue) or neither (SIFT)")
+    if bool(s.superpoint) != bool(s.superglue):
+        raise GLRError("pass both --superpoint and --superglue (SuperPoint + SuperGlue) or neither (SIFT)")
     m = ('superglue' if s.superpoint else 'sift') if s.matcher == 'auto' else s.matcher
     if m not in ('sift', 'superglue'): raise GLRError(f"--matcher {s.matcher!r}: use auto, superglue or sift")
     log.info('re-rank: SuperPoint + SuperGlue' if m == 'superglue' else 're-rank: SIFT (no SuperPoint/SuperGlue weights given)')
@@ -209,15 +213,18 @@ def _inputs(s, log):
     if val and not (dd/'split'/'val'/'query.csv').is_file():
         raise GLRError(f"{dd/'split'/'val'/'query.csv'}: no validation set to train the stacker on; run glr_split "
                        "(it needs raw/recognition_solution_v2.1.csv), pass --stacker DIR, or --no-stacking")
-    sets = load_sets(dd, ['test', 'index'] + (['nonlandmark'] if s.stacking else []) + (['val_query', 'val_index'] if val else []))
-    return ck, sets, _test_solution(dd/'raw'/'recognition_solution_v2.1.csv', sets['test']['id'], log), rd, Path(s.out_dir or rd/'submit')
+    names = ['test', 'index'] + (['nonlandmark'] if s.stacking else []) + (['val_query', 'val_index'] if val else [])
+    sets = load_sets(dd, names)
+    sol = _test_solution(dd/'raw'/'recognition_solution_v2.1.csv', sets['test']['id'], log)
+    return ck, sets, sol, rd, Path(s.out_dir or rd/'submit')
 
-# %% ../nbs/08_submit.ipynb #5c6e8d6a
+# %% ../nbs/08_submit.ipynb #0f1ce3b6
 def _retrieve_stage(s, rd, ck, sets, embs, q, d, log):
     "The lists of query set `q` against `d` (stage cache)"
     from glr_nb.retrieval import checkpoint_key, ids_sha1
     key = dict(stage='retrieve', v=1, models={m: checkpoint_key(p, s.img_size) for m, (p, w) in ck.items()},
-               weights={m: w for m, (p, w) in ck.items()}, k=s.k, sets={n: ids_sha1(sets[n]['id']) for n in (q, d, 'nonlandmark') if n in sets})
+               weights={m: w for m, (p, w) in ck.items()}, k=s.k,
+               sets={n: ids_sha1(sets[n]['id']) for n in (q, d, 'nonlandmark') if n in sets})
     f = lambda: retrieve_lists({n: e for n, e in embs.items() if n in (q, d, 'nonlandmark')}, sets, q, d, key['weights'], s.k)
     return cached_stage(rd/'stages'/f'retrieve_{q}.npz', key, f, log) | dict(key=key)
 
@@ -228,16 +235,18 @@ def _rerank_stage(s, rd, sets, R, q, d, matcher, log):
                size=s.rerank_size, ransac=s.ransac)
     cfg = dict(matcher=matcher, size=s.rerank_size or None, method=s.ransac, device=s.device, cache=str(rd/'rerank_cache.sqlite'),
                progress=True, **{k_: v for k_, v in dict(superpoint=s.superpoint, superglue=s.superglue).items() if v})
-    f = lambda: dict(zip(('m0', 'merged'), list_inliers([R['lists']['m0'], R['merged']], sets[q]['path'], sets[d]['path'], **cfg)))
+    lists = [R['lists']['m0'], R['merged']]
+    f = lambda: dict(zip(('m0', 'merged'), list_inliers(lists, sets[q]['path'], sets[d]['path'], **cfg)))
     inl = cached_stage(rd/'stages'/f'rerank_{q}.npz', key, f, log)
     ransac, reranked = rerank_lists(R['lists']['m0'], R['merged'], inl['m0'], inl['merged'])
     return dict(inliers=inl, ransac=ransac, reranked=reranked)
 
-# %% ../nbs/08_submit.ipynb #a3d6186e
+# %% ../nbs/08_submit.ipynb #f1500ec1
 def _pred(ids, lab_score)->pd.DataFrame:
     "Prediction table id, label, score"
     lab, sc = lab_score
-    return pd.DataFrame({'id': np.asarray(ids, dtype=object), 'label': np.asarray(lab, np.int64), 'score': np.asarray(sc, np.float64)})
+    return pd.DataFrame({'id': np.asarray(ids, dtype=object), 'label': np.asarray(lab, np.int64),
+                         'score': np.asarray(sc, np.float64)})
 
 def _gap(pred, sol, lab2lm=None):
     "GAP of a prediction table (labels mapped to landmark ids by `lab2lm`, if given) against `sol`, or None"
@@ -253,7 +262,7 @@ def _votes(s, R, ids):
     if 'reranked' in R: out['rerank'] = _pred(ids, vote(R['reranked'], s.top_k))
     return {k_.rstrip('_'): v for k_, v in out.items()}
 
-# %% ../nbs/08_submit.ipynb #9f76e424
+# %% ../nbs/08_submit.ipynb #e8ed5c74
 def _features(s, R, ids):
     "The stacker's features and top labels of one query set's lists"
     from glr_nb.postprocess import stack_features
@@ -269,8 +278,9 @@ def _stack_stage(s, out, R, sets, val_truth, log):
     if s.stacker: st = load_stacker(s.stacker)
     else:
         f_va, lab_va = _features(s, R['val'], sets['val_query']['id'])
-        key = dict(v=1, feats=hashlib.sha1(pd.util.hash_pandas_object(f_va).to_numpy()).hexdigest(), truth=ids_sha1(map(str, val_truth)),
-                   params=params, folds=s.stack_folds, models=s.stack_models, best=s.stack_best)
+        key = dict(v=1, feats=hashlib.sha1(pd.util.hash_pandas_object(f_va).to_numpy()).hexdigest(),
+                   truth=ids_sha1(map(str, val_truth)), params=params, folds=s.stack_folds, models=s.stack_models,
+                   best=s.stack_best)
         st = load_stacker(out/'stacker', key) if (out/'stacker'/'stacker.json').is_file() else None
         if st is None:
             st = train_stacker(f_va, lab_va, val_truth, s.stack_folds, s.stack_models, s.stack_best, params)
@@ -279,7 +289,7 @@ def _stack_stage(s, out, R, sets, val_truth, log):
         val = _pred(sets['val_query']['id'], stack_predict(st.oof, lab_va))
     return _pred(sets['test']['id'], st.predict(f_te, lab_te)), val, st
 
-# %% ../nbs/08_submit.ipynb #9c462d0c
+# %% ../nbs/08_submit.ipynb #eff8b47a
 @dataclasses.dataclass
 class SubmitRun:
     "What `run_submit` returns"
@@ -300,19 +310,20 @@ def _timed(seconds, name, log):
     yield
     seconds[name] = round(time.time() - t0, 2)
 
-# %% ../nbs/08_submit.ipynb #77620a6e
+# %% ../nbs/08_submit.ipynb #d0f67757
 def _write(s, out, preds, gaps, val_gaps, sets, sol, lab2lm, seconds, matcher):
     "submission_<stage>.csv for every stage, submission.csv from the last; the metrics"
     final = list(preds)[-1]
     for st_, p in preds.items(): write_submission(p, sets['test']['id'].tolist(), lab2lm, out/f'submission_{st_}.csv')
     sub = write_submission(preds[final], sets['test']['id'].tolist(), lab2lm, out/'submission.csv')
-    m = dict({f'gap_{st_}': gaps.get(st_) for st_ in ('global', 'merged', 'rerank', 'stacked')}, final_stage=final, gap_final=gaps[final],
+    m = dict({f'gap_{st_}': gaps.get(st_) for st_ in ('global', 'merged', 'rerank', 'stacked')},
+             final_stage=final, gap_final=gaps[final],
              validation={f'gap_{k_}': v for k_, v in val_gaps.items()}, n_test=len(sets['test']), n_test_scored=len(sol or {}),
              n_test_landmark=sum(map(bool, (sol or {}).values())), n_val=len(sets['val_query']) if 'val_query' in sets else 0,
              matcher=matcher, settings=s.asdict(), seconds=seconds)
     return sub, m
 
-# %% ../nbs/08_submit.ipynb #ca124568
+# %% ../nbs/08_submit.ipynb #c7acb43c
 def run_submit(s:SubmitSettings, # the run's settings
                log=None          # logger (default: 'glr_submit', also to OUT_DIR/submit.log)
               )->SubmitRun:
@@ -335,12 +346,14 @@ def run_submit(s:SubmitSettings, # the run's settings
     vt = [[l] if l >= 0 else [] for l in sets['val_query']['landmark_id']] if 'val_query' in sets else None
     if s.stacking:
         with _timed(seconds, 'stack', log):
-            preds['stacked'], vpreds['stacked'], _ = _stack_stage(s, out, dict(test=R['test'], val=R.get('val_query')), sets, vt, log)
+            R2 = dict(test=R['test'], val=R.get('val_query'))
+            preds['stacked'], vpreds['stacked'], _ = _stack_stage(s, out, R2, sets, vt, log)
     gaps = {k_: _gap(p, sol, lab2lm) for k_, p in preds.items()}
     val_gaps = {k_: _gap(p, dict(zip(sets['val_query']['id'], vt))) for k_, p in vpreds.items() if p is not None}
     with _timed(seconds, 'submit', log): sub, m = _write(s, out, preds, gaps, val_gaps, sets, sol, lab2lm, seconds, matcher)
     save_json(m, out/'metrics.json')
-    log.info(f"wrote {sub}: GAP " + (', '.join(f'{k_} {v:.4f}' for k_, v in gaps.items()) if sol else 'none (no solution for the test queries)'))
+    said = ', '.join(f'{k_} {v:.4f}' for k_, v in gaps.items()) if sol else 'none (no solution for the test queries)'
+    log.info(f"wrote {sub}: GAP {said}")
     return SubmitRun(preds, gaps, val_gaps, seconds, m, sub, sets, R, sol, lab2lm)
 
 # %% ../nbs/08_submit.ipynb #e783a691
