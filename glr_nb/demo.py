@@ -11,8 +11,8 @@ from .core import GLRError, script, get_logger, save_json, parameters_cell
 from .submit import SubmitSettings
 
 # %% auto #0
-__all__ = ['DEMO', 'DEMO_SUBMIT', 'find_notebook', 'run_notebook', 'to_html', 'demo_data', 'demo_models', 'demo_inputs',
-           'run_demo', 'glr_demo']
+__all__ = ['DEMO', 'DEMO_SUBMIT', 'DEMO_QUICK', 'find_notebook', 'run_notebook', 'to_html', 'demo_data', 'demo_models',
+           'demo_inputs', 'run_demo', 'glr_demo']
 
 # %% ../nbs/09_demo.ipynb #3557de2d
 def find_notebook(name:str)->Path:
@@ -47,6 +47,9 @@ def to_html(nb)->Path:
 DEMO = dict(arches=('test_resnet', 'test_efficientnet'), img_size=64, epochs=15, lr=0.05, batch_size=32,
             valid_num=250, n_gallery=80)
 DEMO_SUBMIT = dict(img_size=DEMO['img_size'], bs=128, workers=0, rerank_size=0, min_child_samples=20, stack_threads=1)
+DEMO_QUICK = dict(demo_sizes=dict(n_landmarks=12, n_big=1, big_images=(230, 230), small_images=(6, 12), v2x_extra=.5,
+                                  n_other=8, n_test=60, n_2019=120, n_index=20),
+                  epochs=2, valid_num=100, n_gallery=30)   # 91_submit's own run without checkpoints: a smoke test
 
 def demo_data(data_dir,         # folder of the demo dataset
               seed=0,           # seed of the data and the splits
@@ -61,7 +64,7 @@ def demo_data(data_dir,         # folder of the demo dataset
         log.info('writing the splits'); make_splits(data, seed=seed, valid_num=valid_num, n_gallery=n_gallery)
     return data
 
-# %% ../nbs/09_demo.ipynb #db3efffd
+# %% ../nbs/09_demo.ipynb #07945db6
 def demo_models(data_dir,       # the demo dataset (`demo_data`)
                 result_dir,     # models go to RESULT_DIR/models, training reports to RESULT_DIR/report
                 seed=0, progress=True, log=None,
@@ -81,7 +84,7 @@ def demo_models(data_dir,       # the demo dataset (`demo_data`)
         if not ck.is_file(): raise GLRError(f"{nb}: training wrote no {ck}")
     return ','.join(f'{m}={p}:{1 / len(cks)}' for m, p in cks.items())
 
-# %% ../nbs/09_demo.ipynb #7b99d1c2
+# %% ../nbs/09_demo.ipynb #2df5345a
 def demo_inputs(s:SubmitSettings,     # settings to complete (its data_dir/result_dir are used when set)
                 seed=0,               # seed of the data, splits and training
                 demo_sizes:dict=None, # overrides of the demo dataset's sizes
@@ -94,7 +97,7 @@ def demo_inputs(s:SubmitSettings,     # settings to complete (its data_dir/resul
     ck = demo_models(dd, rd, seed, progress, log, **{k: v for k, v in kw.items() if k not in ('valid_num', 'n_gallery')})
     return s.replace(data_dir=str(dd), result_dir=str(rd), checkpoints=ck)
 
-# %% ../nbs/09_demo.ipynb #9f27b5c5
+# %% ../nbs/09_demo.ipynb #d8cdc629
 def run_demo(out,                  # output folder: submission.csv, metrics.json, report/
              data_dir=None,        # demo data folder (default out/data); built if missing
              seed=0,               # seed of the data, splits and training

@@ -60,7 +60,7 @@ def extract(model,           # GLRNet-like: `extract_feature(x)` (or a plain mod
     if bad: (log or get_logger()).warning(f"extract: {bad} unreadable image(s) embedded as blanks")
     return np.concatenate(out) if out else np.zeros((0, 0), np.float16)
 
-# %% ../nbs/04_retrieval.ipynb #be15918e
+# %% ../nbs/04_retrieval.ipynb #288a8dcf
 def reference_decode(path, size=800)->torch.Tensor:
     "An image as the reference's `TestDataset` gives it: OpenCV decode, RGB, bilinear resize to size x size, normalised"
     import cv2
@@ -336,7 +336,7 @@ def search(q,              # [nq, D] query embeddings (unit vectors)
     lab = np.full(i.shape, -1, np.int64) if labels is None else np.asarray(labels, np.int64)[i]
     return CandList(i, lab, s)
 
-# %% ../nbs/04_retrieval.ipynb #32081ce6
+# %% ../nbs/04_retrieval.ipynb #8f1b3afd
 def model_lists(q_embs:dict,       # model -> [nq, D_m] query embeddings, in ensemble order
                 db_embs:dict,      # model -> [n, D_m] database embeddings of the same models
                 labels=None,       # [n] database labels (None for the non-landmark gallery)
@@ -349,7 +349,7 @@ def model_lists(q_embs:dict,       # model -> [nq, D_m] query embeddings, in ens
     for i, m in enumerate(q_embs, 1): out[f'm{i}'] = search(q_embs[m], db_embs[m], k, labels, backend)
     return out
 
-# %% ../nbs/04_retrieval.ipynb #803a664c
+# %% ../nbs/04_retrieval.ipynb #b03276ae
 def _union(I, L, S):
     "Per row, one entry per distinct id with its summed score, sorted by sum (ties: list order); repeats last"
     n, m = I.shape
@@ -375,7 +375,7 @@ def merge_lists(lists:list,    # CandLists over one database (the per-model list
         I, L, S = _union(np.c_[I, l.idx], np.c_[L, l.label], np.c_[S, np.asarray(l.score, np.float64) * w])
     return CandList(I[:, :k], L[:, :k], S[:, :k])
 
-# %% ../nbs/04_retrieval.ipynb #19291654
+# %% ../nbs/04_retrieval.ipynb #54042352
 def vote(cl:CandList,  # candidate list (any score: cosine, re-rank score)
          top_k=3       # entries that vote, from the front of the list (None: all)
         )->tuple:

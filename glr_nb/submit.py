@@ -110,8 +110,8 @@ def list_inliers(lists:list,    # CandLists of one query set over one database
     inl = np.asarray(verify(pairs.tolist(), **cfg), np.int64)[inv.ravel()]
     return [a.reshape(c.idx.shape) for a, c in zip(np.split(inl, np.cumsum([c.idx.size for c in lists])[:-1]), lists)]
 
-def rerank_lists(m0:CandList,      # the ensemble's list
-                 merged:CandList,  # the merged list
+def rerank_lists(m0:'CandList',    # the ensemble's list
+                 merged:'CandList',  # the merged list
                  inl_m0, inl_merged  # [n, k] inlier counts of their entries
                 )->tuple:
     "`(ransac, reranked)`: m0 scored min(n, 70)/70 alone (order kept), and the merged list + min(n, 90)/90, re-sorted"
@@ -122,7 +122,7 @@ def rerank_lists(m0:CandList,      # the ensemble's list
     o = np.argsort(-s, 1, kind='stable')
     return ransac, CandList(*[np.take_along_axis(a, o, 1) for a in (merged.idx, merged.label, s)])
 
-# %% ../nbs/08_submit.ipynb #062067df
+# %% ../nbs/08_submit.ipynb #4d435c2c
 @dataclasses.dataclass
 class SubmitSettings(core.Settings):
     "Settings of the submission pipeline; the defaults are the reference's"
@@ -150,7 +150,7 @@ class SubmitSettings(core.Settings):
     min_child_samples: int = 100  # LightGBM min_child_samples (tiny validation sets need fewer)
     stack_threads: int = 8        # LightGBM threads
 
-# %% ../nbs/08_submit.ipynb #22f4d9b9
+# %% ../nbs/08_submit.ipynb #c6411f51
 def _pack(d:dict, pre='')->dict:
     "Flatten nested dicts of CandLists / arrays into {'a.b.idx': array}"
     from glr_nb.retrieval import CandList
@@ -187,7 +187,7 @@ def cached_stage(path, key:dict, compute, log=None)->dict:
     with atomic_write(path) as f: np.savez(f, _key=np.array(k_), **_pack(out))
     return out
 
-# %% ../nbs/08_submit.ipynb #6865d346
+# %% ../nbs/08_submit.ipynb #97b04e2f
 def _test_solution(path, test_ids, log):
     "id -> true landmark ids of the test queries, or None when no solution covers them"
     if not Path(path).is_file(): log.info(f"{path} not found: a submission without a GAP"); return None
@@ -218,7 +218,7 @@ def _inputs(s, log):
     sol = _test_solution(dd/'raw'/'recognition_solution_v2.1.csv', sets['test']['id'], log)
     return ck, sets, sol, rd, Path(s.out_dir or rd/'submit')
 
-# %% ../nbs/08_submit.ipynb #0f1ce3b6
+# %% ../nbs/08_submit.ipynb #62675237
 def _retrieve_stage(s, rd, ck, sets, embs, q, d, log):
     "The lists of query set `q` against `d` (stage cache)"
     from glr_nb.retrieval import checkpoint_key, ids_sha1
@@ -241,7 +241,7 @@ def _rerank_stage(s, rd, sets, R, q, d, matcher, log):
     ransac, reranked = rerank_lists(R['lists']['m0'], R['merged'], inl['m0'], inl['merged'])
     return dict(inliers=inl, ransac=ransac, reranked=reranked)
 
-# %% ../nbs/08_submit.ipynb #f1500ec1
+# %% ../nbs/08_submit.ipynb #6c2f9dc3
 def _pred(ids, lab_score)->pd.DataFrame:
     "Prediction table id, label, score"
     lab, sc = lab_score
@@ -262,7 +262,7 @@ def _votes(s, R, ids):
     if 'reranked' in R: out['rerank'] = _pred(ids, vote(R['reranked'], s.top_k))
     return {k_.rstrip('_'): v for k_, v in out.items()}
 
-# %% ../nbs/08_submit.ipynb #e8ed5c74
+# %% ../nbs/08_submit.ipynb #79f09a52
 def _features(s, R, ids):
     "The stacker's features and top labels of one query set's lists"
     from glr_nb.postprocess import stack_features
@@ -289,7 +289,7 @@ def _stack_stage(s, out, R, sets, val_truth, log):
         val = _pred(sets['val_query']['id'], stack_predict(st.oof, lab_va))
     return _pred(sets['test']['id'], st.predict(f_te, lab_te)), val, st
 
-# %% ../nbs/08_submit.ipynb #eff8b47a
+# %% ../nbs/08_submit.ipynb #444514e2
 @dataclasses.dataclass
 class SubmitRun:
     "What `run_submit` returns"
@@ -310,7 +310,7 @@ def _timed(seconds, name, log):
     yield
     seconds[name] = round(time.time() - t0, 2)
 
-# %% ../nbs/08_submit.ipynb #d0f67757
+# %% ../nbs/08_submit.ipynb #795c1b11
 def _write(s, out, preds, gaps, val_gaps, sets, sol, lab2lm, seconds, matcher):
     "submission_<stage>.csv for every stage, submission.csv from the last; the metrics"
     final = list(preds)[-1]
@@ -323,7 +323,7 @@ def _write(s, out, preds, gaps, val_gaps, sets, sol, lab2lm, seconds, matcher):
              matcher=matcher, settings=s.asdict(), seconds=seconds)
     return sub, m
 
-# %% ../nbs/08_submit.ipynb #c7acb43c
+# %% ../nbs/08_submit.ipynb #b899d373
 def run_submit(s:SubmitSettings, # the run's settings
                log=None          # logger (default: 'glr_submit', also to OUT_DIR/submit.log)
               )->SubmitRun:
