@@ -141,67 +141,71 @@ def split_v2x(train,   # train.csv DataFrame (id, landmark_id)
                              landmarks=train.landmark_id.to_numpy()[keep]))
 
 # %% ../nbs/01_data.ipynb #b9560e8d
-def _lm_label(landmarks, tc):
-    "First GLDv2 id of each space-separated `landmarks` string that is a train_clean landmark -> label (-1 if none)"
-    s = landmarks.str.split(' ', expand=False).explode()
-    v = pd.to_numeric(s, errors='coerce')
-    lab = pd.Series(np.arange(len(tc)), index=tc.landmark_id.to_numpy())
-    hit = v.map(lab).dropna()
-    return hit.groupby(level=0).first().reindex(landmarks.index).fillna(-1).astype(np.int64)
+def _sample(df, n, what):
+    "`df.sample(n, random_state=1)` as the reference draws, clipped (with a warning) when `df` is shorter"
+    if n > len(df):
+        get_logger('glr_nb.data').warning(f"validation set: {what}: {n} wanted, {len(df)} available; taking all")
+    return df.sample(max(0, min(n, len(df))), random_state=1)
 
-def nonlandmark_pool(tc,        # train_clean DataFrame
-                     sol,       # recognition solution DataFrame, or None
-                     test_ids,  # ids of raw/test.csv (excluded)
+def nonlandmark_pool(sol,       # recognition solution DataFrame, or None
+                     test_ids,  # ids of raw/test.csv (left out)
                      train,     # train.csv DataFrame
-                     rng):      # numpy Generator (the two shuffles)
-    "Non-landmark images outside the test queries: DataFrame[id, subset], 2019 rows (shuffled) then train.csv ones"
-    s19 = pd.Series([], dtype=object) if sol is None else sol.id[(sol.Usage != 'Ignored') & (sol.landmarks == '') & ~sol.id.isin(test_ids)]
-    top = train.id[~train.landmark_id.isin(tc.landmark_id) & ~train.id.isin(test_ids) & ~train.id.isin(s19)].drop_duplicates()
-    a, b = s19.to_numpy(), top.to_numpy()
-    return pd.DataFrame(dict(id=np.r_[a[rng.permutation(len(a))], b[rng.permutation(len(b))]],
-                             subset=['test']*len(a) + ['train']*len(b)))
+                     tc):       # train_clean DataFrame
+    "Non-landmark candidates outside the test queries, in file order: 2019 rows without a landmark, then train.csv ones"
+    a = pd.Series([], dtype=object) if sol is None else sol.id[(sol.landmarks == '') & ~sol.id.isin(test_ids)]
+    b = train.id[~train.landmark_id.isin(tc.landmark_id) & ~train.id.isin(test_ids) & ~train.id.isin(a)].drop_duplicates()
+    return pd.DataFrame(dict(id=np.r_[a.to_numpy(), b.to_numpy()], subset=['test']*len(a) + ['train']*len(b)))
 
-def validation_set(tc,          # train_clean DataFrame
-                   trn,         # v2c train split (the index is drawn from it)
-                   v2x,         # v2x train split (its images outside v2c can be landmark queries)
-                   sol,         # recognition solution DataFrame (the 2019 test)
-                   test_ids,    # ids of raw/test.csv (never used here)
-                   train,       # train.csv DataFrame (pool: images of landmarks outside train_clean)
-                   seed=0,          # seed of the draws
-                   n_landmark=1000, # landmark queries (at most)
-                   nl_ratio=4.,     # non-landmark queries per landmark query
-                   index_ratio=10,  # index size / number of queries
-                   n_gallery=5000,  # non-landmark gallery size (at most)
-                   val_frac=.4):    # at most this fraction of the non-landmark pool becomes validation queries
-    "The stacker's (query, index) DataFrames and the non-landmark gallery (DESIGN.md 3)"
-    rng = np.random.default_rng([seed, 7])
-    s19 = sol[(sol.Usage != 'Ignored') & ~sol.id.isin(test_ids)]
-    lab = _lm_label(s19.landmarks, tc)
-    qa = pd.DataFrame(dict(id=s19.id, subset='test', landmark_id=lab)).loc[lab >= 0]
-    qb = v2x.loc[~v2x.id.isin(trn.id) & ~v2x.id.isin(test_ids), ['id', 'landmark_id']].assign(subset='train')
-    lm = pd.concat([qa.iloc[rng.permutation(len(qa))], qb.iloc[rng.permutation(len(qb))]])[['id', 'subset', 'landmark_id']]
-    pool = nonlandmark_pool(tc, sol, test_ids, train, rng)
-    n_lm = min(n_landmark, len(lm), math.floor(val_frac*len(pool)/nl_ratio + 1e-9) if nl_ratio > 0 else len(lm))
-    n_nl = int(round(n_lm*nl_ratio))
-    q = pd.concat([lm.iloc[:n_lm], pool.iloc[:n_nl].assign(landmark_id=-1)])
-    q = q.iloc[rng.permutation(len(q))].reset_index(drop=True)
-    q['landmarks'] = np.where(q.landmark_id >= 0, tc.landmark_id.to_numpy()[q.landmark_id.clip(0)].astype(str), '')
-    inq = trn.landmark_id.isin(q.landmark_id).to_numpy(); rest = np.flatnonzero(~inq)
-    n_fill = max(0, min(index_ratio*len(q), len(trn)) - inq.sum())
-    ix = trn.iloc[np.sort(np.r_[np.flatnonzero(inq), rng.choice(rest, min(n_fill, len(rest)), replace=False)])]
-    ix = ix.assign(subset='train')[['id', 'subset', 'landmark_id', 'landmarks']].reset_index(drop=True)
-    gal = pool.iloc[n_nl:n_nl + n_gallery].reset_index(drop=True)
-    return q[['id', 'subset', 'landmark_id', 'landmarks']], ix, gal
+# %% ../nbs/01_data.ipynb #7cf2ad12
+def _landmark_queries(t20, v2x, s19, n):
+    "2019 rows showing one v2c landmark, then v2x-only images of `num // 2` drawn landmarks (at most 20 each), `num` drawn"
+    m = t20.drop_duplicates('landmark_id')
+    lab = pd.Series(m.landmark_id.to_numpy(), index=m.landmarks.astype(str).to_numpy())
+    a = s19[s19.landmarks.isin(lab.index)]
+    a = pd.DataFrame(dict(id=a.id, subset='test', landmark_id=lab[a.landmarks].to_numpy(), landmarks=a.landmarks))
+    num = n - len(a)
+    if num < 0:
+        get_logger('glr_nb.data').warning(f"validation set: {len(a)} 2019 landmark queries exceed 20% ({n}); keeping all")
+    x = v2x[~v2x.id.isin(t20.id)]
+    cls = _sample(x.drop_duplicates('landmark_id'), num // 2, 'v2x-only landmarks').landmark_id
+    b = _sample(x[x.landmark_id.isin(cls)].groupby('landmark_id').head(20), num, 'v2x-only landmark images')
+    b = pd.DataFrame(dict(id=b.id, subset='train', landmark_id=b.landmark_id, landmarks=b.landmarks.astype(str)))
+    return pd.concat([a, b], ignore_index=True)
+
+# %% ../nbs/01_data.ipynb #7ca83fd3
+def _from_test_first(pool, n, what):
+    "Draw from the pool's 2019 rows when they suffice, else from the whole pool"
+    p19 = pool[pool.subset == 'test']
+    return _sample(p19 if len(p19) >= n else pool, n, what)
+
+def validation_set(t20,        # train2020: every v2c image (id, landmark_id = label, landmarks = GLDv2 id)
+                   trn,        # the v2c training split (the index is drawn from it)
+                   v2x,        # the v2x training split (its images outside v2c can be landmark queries)
+                   sol,        # the 2019 recognition solution (id, landmarks, Usage)
+                   test_ids,   # raw/test.csv ids: never validation queries or gallery images
+                   pool,       # non-landmark candidates (`nonlandmark_pool`)
+                   valid_num=20000,  # validation queries (20% landmark)
+                   n_gallery=5000):  # non-landmark gallery images
+    "`(queries, index, gallery)` DataFrames drawn by the reference's `main()` rule"
+    s19 = sol[~sol.id.isin(test_ids)]
+    if len(s19) < len(sol):
+        get_logger('glr_nb.data').info(f"validation set: {len(sol) - len(s19)} solution rows are test.csv queries; left out")
+    lm = _landmark_queries(t20, v2x, s19, int(valid_num * 0.2))
+    nl = _from_test_first(pool, valid_num - len(lm), 'non-landmark queries').assign(landmark_id=-1, landmarks='')
+    q = pd.concat([lm, nl], ignore_index=True)
+    inq = trn.landmarks.isin(lm.landmarks.astype(np.int64))
+    ix = pd.concat([trn[inq], _sample(trn[~inq], 10 * valid_num - int(inq.sum()), 'index images')]).assign(subset='train')
+    gal = _from_test_first(pool[~pool.id.isin(q.id)], n_gallery, 'gallery images')
+    cols = ['id', 'subset', 'landmark_id', 'landmarks']
+    return q[cols], ix[cols].reset_index(drop=True), gal.reset_index(drop=True)
 
 # %% ../nbs/01_data.ipynb #73595ccb
-def make_splits(data_dir,        # DATA_DIR holding raw/
-                seed=0,          # seed of the validation draws
-                n_valid=200,     # v2c validation images
-                min_images=200,  # classes with fewer images stay in train
-                n_gallery=5000,  # non-landmark gallery size
-                n_landmark=1000, # landmark validation queries (at most)
-                nl_ratio=4.,     # non-landmark validation queries per landmark query
-                index_ratio=10): # validation index size / number of validation queries
+def make_splits(data_dir,         # DATA_DIR holding raw/
+                seed=0,           # seed of the v2c validation draw
+                n_valid=200,      # v2c validation images
+                min_images=200,   # classes with fewer images stay in train
+                valid_num=20000,  # stacker validation queries (the reference's 20,000)
+                n_gallery=5000):  # non-landmark gallery size (the reference's 5,000)
     "Write DATA_DIR/split/ (train2020, v2c, v2x, nonlandmark, val/{query,index}); return {file: rows}"
     d = Path(data_dir); raw, out = d/'raw', d/'split'; log = get_logger('glr_nb.data')
     tc = read_train_clean(raw/'train_clean.csv')
@@ -213,28 +217,31 @@ def make_splits(data_dir,        # DATA_DIR holding raw/
            'v2x/random_train_cv0.csv': v2x, 'v2x/random_valid_cv0.csv': val}
     test_ids = read_ids(raw/'test.csv').id if (raw/'test.csv').is_file() else pd.Series([], dtype=object)
     if (raw/'recognition_solution_v2.1.csv').is_file():
-        q, ix, gal = validation_set(tc, trn, v2x, read_recognition_solution(raw/'recognition_solution_v2.1.csv'), test_ids,
-                                    train, seed, n_landmark, nl_ratio, index_ratio, n_gallery)
+        sol = read_recognition_solution(raw/'recognition_solution_v2.1.csv')
+        pool = nonlandmark_pool(sol, test_ids, train, tc)
+        q, ix, gal = validation_set(t20, trn, v2x, sol, test_ids, pool, valid_num, n_gallery)
         res.update({'val/query.csv': q, 'val/index.csv': ix, 'nonlandmark.csv': gal})
         # no leakage: the validation queries (v2x-only images among them) never train a model
         res['v2x/random_train_cv0.csv'] = v2x[~v2x.id.isin(q.id)].reset_index(drop=True)
         res['v2c/random_train_cv0.csv'] = trn[~trn.id.isin(q.id)].reset_index(drop=True)
     else:
         log.warning(f"{raw/'recognition_solution_v2.1.csv'} not found: no validation set; gallery from train.csv only")
-        res['nonlandmark.csv'] = nonlandmark_pool(tc, None, test_ids, train, np.random.default_rng([seed, 7])).iloc[:n_gallery]
+        pool = nonlandmark_pool(None, test_ids, train, tc)
+        res['nonlandmark.csv'] = _sample(pool, n_gallery, 'gallery images').reset_index(drop=True)
     for k, v in res.items(): save_csv(v, out/k)
     log.info(f"split written to {out}: " + ', '.join(f'{k} {len(v)}' for k, v in res.items()))
     return {k: len(v) for k, v in res.items()}
 
 # %% ../nbs/01_data.ipynb #a64ee3ed
 @script
-def glr_split(data_dir:str=None,  # DATA_DIR holding raw/ (else $GLR_DATA_DIR)
-              seed:int=0,         # seed of the validation draws
-              n_valid:int=200,    # v2c validation images
-              min_images:int=200, # classes with fewer images stay in train
+def glr_split(data_dir:str=None,    # DATA_DIR holding raw/ (else $GLR_DATA_DIR)
+              seed:int=0,           # seed of the v2c validation draw
+              n_valid:int=200,      # v2c validation images
+              min_images:int=200,   # classes with fewer images stay in train
+              valid_num:int=20000,  # stacker validation queries (20% landmark)
               n_gallery:int=5000):  # non-landmark gallery size
     "Write the v2c/v2x splits, the validation set and the non-landmark gallery under DATA_DIR/split/"
-    make_splits(core.data_dir(data_dir), seed, n_valid, min_images, n_gallery)   # returns None: exit code 0
+    make_splits(core.data_dir(data_dir), seed, n_valid, min_images, valid_num, n_gallery)   # returns None: exit code 0
 
 # %% ../nbs/01_data.ipynb #80fbdd19
 def _hex(rng, n): return np.frombuffer(rng.bytes(8*n).hex().encode(), dtype='S16')

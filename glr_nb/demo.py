@@ -4,13 +4,15 @@
 
 # %% ../nbs/09_demo.ipynb #49b2c5c3
 from __future__ import annotations
-import json, os, sys, time, shutil
+import json, os, sys, time, shutil, tempfile
 from pathlib import Path
 import glr_nb
-from .core import GLRError, script, get_logger, save_json
+from .core import GLRError, script, get_logger, save_json, parameters_cell
+from .submit import SubmitSettings
 
 # %% auto #0
-__all__ = ['DEMO', 'find_notebook', 'run_notebook', 'to_html', 'run_demo', 'glr_demo']
+__all__ = ['DEMO', 'DEMO_SUBMIT', 'DEMO_QUICK', 'find_notebook', 'run_notebook', 'to_html', 'demo_data', 'demo_models',
+           'demo_inputs', 'run_demo', 'glr_demo']
 
 # %% ../nbs/09_demo.ipynb #3557de2d
 def find_notebook(name:str)->Path:
@@ -42,38 +44,75 @@ def to_html(nb)->Path:
     p = Path(nb).with_suffix('.html'); p.write_text(body); return p
 
 # %% ../nbs/09_demo.ipynb #26f097ab
-DEMO = dict(arches=('test_resnet', 'test_efficientnet'), img_size=64, epochs=15, lr=0.05, batch_size=32, rerank_top=5,
-            stack_folds=3, stack_seeds=3)
+DEMO = dict(arches=('test_resnet', 'test_efficientnet'), img_size=64, epochs=15, lr=0.05, batch_size=32,
+            valid_num=250, n_gallery=80)
+DEMO_SUBMIT = dict(img_size=DEMO['img_size'], bs=128, workers=0, rerank_size=0, min_child_samples=20, stack_threads=1)
+DEMO_QUICK = dict(demo_sizes=dict(n_landmarks=12, n_big=1, big_images=(230, 230), small_images=(6, 12), v2x_extra=.5,
+                                  n_other=8, n_test=60, n_2019=120, n_index=20),
+                  epochs=2, valid_num=100, n_gallery=30)   # 91_submit's own run without checkpoints: a smoke test
 
-def run_demo(out,              # output folder: submission.csv, metrics.json, report/
-             data_dir=None,    # demo data folder (default out/data); built if missing
-             seed=0,
-             demo_sizes:dict=None,  # overrides of the demo dataset's sizes (tests use smaller ones)
-             html=True, progress=True, **kw)->dict:
-    "Run the whole pipeline on the demo dataset; returns the metrics dict"
-    cfg = {**DEMO, **kw}; out = Path(out).resolve(); out.mkdir(parents=True, exist_ok=True)
-    data = Path(data_dir).resolve() if data_dir else out/'data'
-    log = get_logger('glr_demo', out/'demo.log'); t0 = time.time()
+def demo_data(data_dir,         # folder of the demo dataset
+              seed=0,           # seed of the data and the splits
+              demo_sizes:dict=None,  # overrides of the demo dataset's sizes (tests use smaller ones)
+              valid_num=DEMO['valid_num'], n_gallery=DEMO['n_gallery'], log=None)->Path:
+    "Build the demo dataset and its splits under `data_dir` unless they are there"
     from glr_nb.data import make_demo_dataset, make_splits
+    data, log = Path(data_dir), log or get_logger('glr_demo')
     if not (data/'raw'/'train.csv').is_file():
-        log.info(f'[1/4] building the demo dataset in {data}'); make_demo_dataset(data, seed=seed, **(demo_sizes or {}))
-    if not (data/'split'/'val'/'query.csv').is_file(): log.info('[2/4] writing the splits'); make_splits(data, seed=seed)
+        log.info(f'building the demo dataset in {data}'); make_demo_dataset(data, seed=seed, **(demo_sizes or {}))
+    if not (data/'split'/'val'/'query.csv').is_file():
+        log.info('writing the splits'); make_splits(data, seed=seed, valid_num=valid_num, n_gallery=n_gallery)
+    return data
+
+# %% ../nbs/09_demo.ipynb #07945db6
+def demo_models(data_dir,       # the demo dataset (`demo_data`)
+                result_dir,     # models go to RESULT_DIR/models, training reports to RESULT_DIR/report
+                seed=0, progress=True, log=None,
+                **kw)->str:     # overrides of `DEMO` (arches, img_size, epochs, lr, batch_size)
+    "Train the demo's backbones with `90_train.ipynb` unless their checkpoints exist; the ensemble's checkpoints spec"
+    cfg, rd, log = {**DEMO, **kw}, Path(result_dir), log or get_logger('glr_demo')
     cks = {}
     for i, arch in enumerate(cfg['arches']):
-        name = f"demo_{arch}_i{cfg['img_size']}"; ck = out/'models'/name/'final.pth'; cks[f'm{i}'] = ck
-        if ck.is_file(): log.info(f'[3/4] {arch}: reusing {ck}'); continue
-        log.info(f'[3/4] training {arch} ({time.time()-t0:.0f}s)')
-        run_notebook(find_notebook('90_train.ipynb'), out/'report'/f'90_train_{arch}.ipynb',
-                     dict(arch=arch, data_dir=str(data), result_dir=str(out), out_dir=name, epochs=cfg['epochs'],
-                          img_size=cfg['img_size'], eval_img_size=cfg['img_size'], batch_size=cfg['batch_size'],
-                          save_every_epoch=1.0, extra=f"--lr {cfg['lr']} --seed {seed}"), progress=progress)
-        if not ck.is_file(): raise GLRError(f"{out/'report'/f'90_train_{arch}.ipynb'}: training wrote no {ck}")
-    log.info(f'[4/4] retrieval, re-rank, stacking ({time.time()-t0:.0f}s)')
-    w = 1 / len(cks)
-    run_notebook(find_notebook('91_submit.ipynb'), out/'report'/'91_submit.ipynb',
-                 dict(data_dir=str(data), result_dir=str(out), out_dir=str(out), img_size=cfg['img_size'], seed=seed,
-                      checkpoints=','.join(f'{m}={p}:{w}' for m, p in cks.items()), rerank_top=cfg['rerank_top'],
-                      stack_folds=cfg['stack_folds'], stack_seeds=cfg['stack_seeds']), progress=progress)
+        name = f"demo_{arch}_i{cfg['img_size']}"; ck = rd/'models'/name/'final.pth'; cks[f'm{i + 1}'] = ck
+        if ck.is_file(): log.info(f'{arch}: reusing {ck}'); continue
+        log.info(f'training {arch}')
+        nb = run_notebook(find_notebook('90_train.ipynb'), rd/'report'/f'90_train_{arch}.ipynb',
+                          dict(arch=arch, data_dir=str(data_dir), result_dir=str(rd), out_dir=name, epochs=cfg['epochs'],
+                               img_size=cfg['img_size'], eval_img_size=cfg['img_size'], batch_size=cfg['batch_size'],
+                               save_every_epoch=1.0, pretrained=None, extra=f"--lr {cfg['lr']} --seed {seed}"),
+                          progress=progress)
+        if not ck.is_file(): raise GLRError(f"{nb}: training wrote no {ck}")
+    return ','.join(f'{m}={p}:{1 / len(cks)}' for m, p in cks.items())
+
+# %% ../nbs/09_demo.ipynb #2df5345a
+def demo_inputs(s:SubmitSettings,     # settings to complete (its data_dir/result_dir are used when set)
+                seed=0,               # seed of the data, splits and training
+                demo_sizes:dict=None, # overrides of the demo dataset's sizes
+                progress=True, log=None,
+                **kw)->SubmitSettings:  # overrides of `DEMO`
+    "`s` with the demo dataset, a result folder (a new temporary one if unset) and the demo's trained checkpoints"
+    cfg = {**DEMO, **kw}
+    rd = Path(s.result_dir) if s.result_dir else Path(tempfile.mkdtemp(prefix='glr_nb_demo_'))
+    dd = demo_data(Path(s.data_dir) if s.data_dir else rd/'data', seed, demo_sizes, cfg['valid_num'], cfg['n_gallery'], log)
+    ck = demo_models(dd, rd, seed, progress, log, **{k: v for k, v in kw.items() if k not in ('valid_num', 'n_gallery')})
+    return s.replace(data_dir=str(dd), result_dir=str(rd), checkpoints=ck)
+
+# %% ../nbs/09_demo.ipynb #d8cdc629
+def run_demo(out,                  # output folder: submission.csv, metrics.json, report/
+             data_dir=None,        # demo data folder (default out/data); built if missing
+             seed=0,               # seed of the data, splits and training
+             demo_sizes:dict=None, # overrides of the demo dataset's sizes (tests use smaller ones)
+             html=True, progress=True,
+             **kw)->dict:          # overrides of `DEMO` and of `SubmitSettings`
+    "Run the whole pipeline on the demo dataset through `91_submit.ipynb`; returns the metrics dict"
+    out = Path(out).resolve(); out.mkdir(parents=True, exist_ok=True)
+    log, t0 = get_logger('glr_demo', out/'demo.log'), time.time()
+    sk = {k: v for k, v in kw.items() if k in SubmitSettings.names()}
+    s = SubmitSettings.of({**DEMO_SUBMIT, **sk}, result_dir=str(out), out_dir=str(out),
+                          data_dir=str(data_dir) if data_dir else None)
+    s = demo_inputs(s, seed, demo_sizes, progress, log, **{k: v for k, v in kw.items() if k not in sk})
+    log.info(f'retrieval, re-rank, stacking ({time.time()-t0:.0f}s)')
+    run_notebook(find_notebook('91_submit.ipynb'), out/'report'/'91_submit.ipynb', s.asdict(), progress=progress)
     if html:
         for nb in sorted((out/'report').glob('*.ipynb')):
             try: to_html(nb)

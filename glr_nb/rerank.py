@@ -18,8 +18,8 @@ from .core import GLRError, load_checkpoint, default_device, get_logger
 __all__ = ['RANSAC_METHODS', 'simple_nms', 'sample_descriptors', 'SuperPoint', 'normalize_keypoints', 'KeypointEncoder',
            'MultiHeadedAttention', 'AttentionalPropagation', 'AttentionalGNN', 'log_optimal_transport', 'SuperGlue',
            'load_gray', 'sift_features', 'rootsift', 'match_nn', 'homography_inliers', 'ransac_pool', 'ransac_inliers',
-           'FeatureCache', 'SiftMatcher', 'SuperGlueMatcher', 'make_matcher', 'verify_pairs', 'match_pair',
-           'rerank_score', 'draw_matches', 'bench_rerank']
+           'FeatureCache', 'SiftMatcher', 'SuperGlueMatcher', 'make_matcher', 'matched_points', 'verify_pairs',
+           'match_pair', 'rerank_score', 'draw_matches', 'bench_rerank']
 
 # %% ../nbs/05_rerank.ipynb #335fcb2f
 def simple_nms(scores:torch.Tensor, # [B,H,W] score map
@@ -267,14 +267,13 @@ def _mutual_matches(Z, mask0, mask1, threshold):
 def load_gray(path,        # image file
               size=800     # longest side after resizing (None: original size)
              ):
-    "Grayscale uint8 image resized so its longest side is `size`, and the (sx, sy) factors back to original pixels"
-    with Image.open(path) as im:
-        w, h = im.size
-        if size: nw, nh = max(1, round(w*size/max(w, h))), max(1, round(h*size/max(w, h)))
-        else: nw, nh = w, h
-        if (nw, nh) != (w, h): im.draft('L', (nw, nh))
-        g = np.array(im.convert('L'))
-    if g.shape != (nh, nw): g = cv2.resize(g, (nw, nh), interpolation=cv2.INTER_AREA)
+    "Grayscale uint8 image resized (bilinear) so its longest side is `size`, and the (sx, sy) factors back to original pixels"
+    g = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if g is None: raise GLRError(f"{path}: not a readable image")
+    h, w = g.shape
+    s = size / max(h, w) if size else 1.
+    nw, nh = max(1, int(round(w * s))), max(1, int(round(h * s)))
+    if (nw, nh) != (w, h): g = cv2.resize(g, (nw, nh))
     return g, (w / nw, h / nh)
 
 # %% ../nbs/05_rerank.ipynb #7facda4d
@@ -310,23 +309,31 @@ def match_nn(d0, d1,          # [N0,D], [N1,D] L2-normalised descriptors
     return torch.stack([i0[ok], i1[ok]], 1).numpy()
 
 # %% ../nbs/05_rerank.ipynb #022f652a
-RANSAC_METHODS = dict(magsac=cv2.USAC_MAGSAC, accurate=cv2.USAC_ACCURATE, default=cv2.USAC_DEFAULT,
-                      prosac=cv2.USAC_PROSAC, ransac=cv2.RANSAC)
+RANSAC_METHODS = dict(degensac=None, magsac=cv2.USAC_MAGSAC, accurate=cv2.USAC_ACCURATE, default=cv2.USAC_DEFAULT,
+                      prosac=cv2.USAC_PROSAC, ransac=cv2.RANSAC)   # degensac: pydegensac (the reference's)
+
+def _fit(p0, p1, method, threshold, confidence, max_iters):
+    if method == 'degensac':
+        import pydegensac
+        return pydegensac.findHomography(p0.astype(np.float64), p1.astype(np.float64), threshold, confidence, max_iters, seed=0)
+    return cv2.findHomography(p0.astype(np.float32), p1.astype(np.float32), RANSAC_METHODS[method], threshold,
+                              maxIters=max_iters, confidence=confidence)
 
 def homography_inliers(pts0:np.ndarray,  # [K,2] matched points in image 0 (original pixels)
                        pts1:np.ndarray,  # [K,2] their matches in image 1
-                       method='magsac',  # a key of `RANSAC_METHODS`
+                       method='degensac',  # a key of `RANSAC_METHODS`
                        threshold=4.0,    # reprojection threshold in pixels
                        confidence=0.99,  # RANSAC confidence
                        max_iters=1000    # RANSAC iterations
                       ):
     "Number of inliers of a robustly fitted homography, the 3x3 matrix (or None) and the inlier mask"
+    if method not in RANSAC_METHODS: raise GLRError(f"unknown homography method {method!r}; use one of {list(RANSAC_METHODS)}")
     K = len(pts0)
-    if K < 4: return 0, None, np.zeros(K, bool)
-    H, mask = cv2.findHomography(np.ascontiguousarray(pts0, np.float32), np.ascontiguousarray(pts1, np.float32),
-                                 RANSAC_METHODS[method], threshold, maxIters=max_iters, confidence=confidence)
-    if H is None or mask is None: return 0, None, np.zeros(K, bool)
-    mask = mask.ravel().astype(bool)
+    if K <= 4: return 0, None, np.zeros(K, bool)               # the reference's minimum
+    try: H, mask = _fit(np.asarray(pts0), np.asarray(pts1), method, threshold, confidence, max_iters)
+    except np.linalg.LinAlgError: return 0, None, np.zeros(K, bool)
+    if H is None or mask is None or not np.any(mask): return 0, None, np.zeros(K, bool)
+    mask = np.asarray(mask).ravel().astype(bool)
     return int(mask.sum()), H, mask
 
 # %% ../nbs/05_rerank.ipynb #616eac65
@@ -450,7 +457,7 @@ class SiftMatcher:
                  ratio=0.8,                # ratio test threshold
                  **kw):
         self.size, self.max_keypoints, self.ratio = size, max_keypoints, ratio
-        self.extract_key = f'sift-s{size}-k{max_keypoints}'
+        self.extract_key = f'sift-s{size}-k{max_keypoints}-cv2gray'
         self.match_key = f'{self.extract_key}-r{ratio}'
     def extract(self, imgs:list)->list: return [sift_features(g, self.max_keypoints) for g in imgs]
     def match(self, fpairs:list)->list:
@@ -486,7 +493,8 @@ class SuperGlueMatcher:
         self.sg = SuperGlue(sinkhorn_iterations=sinkhorn_iterations, match_threshold=match_threshold, weights=superglue).to(self.device)
         if self.device.type == 'cuda': self.sp = self.sp.to(memory_format=torch.channels_last)
         w0 = _digest(superpoint) if superpoint else f'rand{seed}'; w1 = _digest(superglue) if superglue else f'rand{seed}'
-        self.extract_key = f'sp-{w0}-s{size}-k{max_keypoints}-n{nms_radius}-t{keypoint_threshold}-b{remove_borders}-h{int(self.fp16)}'
+        self.extract_key = (f'sp-{w0}-s{size}-k{max_keypoints}-n{nms_radius}-t{keypoint_threshold}-b{remove_borders}'
+                            f'-h{int(self.fp16)}-cv2gray')
         self.match_key = f'{self.extract_key}-sg-{w1}-i{sinkhorn_iterations}-m{match_threshold}'
 
     def _autocast(self): return torch.autocast(self.device.type, dtype=torch.float16, enabled=self.fp16)
@@ -545,6 +553,14 @@ def make_matcher(matcher='sift', # 'sift', 'superglue', or 'auto' (superglue whe
     raise GLRError(f"matcher={matcher!r}: use 'sift', 'superglue' or 'auto'")
 
 # %% ../nbs/05_rerank.ipynb #fdb15dd9
+def matched_points(f0:dict, f1:dict,  # features of the two images (`kp` (x, y) resized pixels, `scale`)
+                   mt:np.ndarray      # [K, 2] matched keypoint indices
+                  )->tuple:
+    "The matched keypoints of both images in original pixels, (y, x) order, as the reference fits them"
+    p0 = f0['kp'][mt[:, 0]].astype(np.float64) * np.asarray(f0['scale'], np.float64)
+    p1 = f1['kp'][mt[:, 1]].astype(np.float64) * np.asarray(f1['scale'], np.float64)
+    return p0[:, ::-1], p1[:, ::-1]
+
 def _image_key(p):
     try: st = os.stat(p); return f'{p}:{st.st_size}:{st.st_mtime_ns}'
     except OSError: return None
@@ -569,7 +585,7 @@ def _features(m, paths, keys, db, log):
     imgs = _load_many(todo, m.size, log)
     ok = [i for i, r in enumerate(imgs) if r is not None]
     for i, f in zip(ok, m.extract([imgs[i][0] for i in ok])):
-        g, sc = imgs[i]; f.update(size=np.array(g.shape[::-1]), scale=np.array(sc, np.float32)); feats[todo[i]] = f
+        g, sc = imgs[i]; f.update(size=np.array(g.shape[::-1]), scale=np.array(sc, np.float64)); feats[todo[i]] = f
     key = dict(zip(paths, keys))
     if db is not None: db.put_feats({key[todo[i]]: feats[todo[i]] for i in ok if key[todo[i]]})
     for i, r in enumerate(imgs):
@@ -583,7 +599,7 @@ def verify_pairs(pairs,              # list of (image path, image path)
                  chunk=4096,         # pairs per chunk (bounds the features held in memory)
                  workers=None,       # RANSAC processes (default: CPU count, at most 8)
                  min_pool=256,       # fewer pairs than this: RANSAC in-process
-                 method='magsac', threshold=4.0, confidence=0.99, max_iters=1000,  # homography fit
+                 method='degensac', threshold=4.0, confidence=0.99, max_iters=1000,  # homography fit (the reference's)
                  progress=False,     # show a progress bar
                  rank=0, world_size=1,  # shard: this process verifies pairs i with i % world_size == rank (others: -1)
                  **config            # matcher settings: size, max_keypoints, superpoint, superglue, device, ...
@@ -614,8 +630,7 @@ def verify_pairs(pairs,              # list of (image path, image path)
                 feats = _features(m, paths, [ikey[p] for p in paths], db, log)
                 pts = []
                 for i, mt in zip(idx, m.match([(feats[pairs[i][0]], feats[pairs[i][1]]) for i in idx])):
-                    a, b = feats[pairs[i][0]], feats[pairs[i][1]]
-                    pts.append((a['kp'][mt[:, 0]] * a['scale'], b['kp'][mt[:, 1]] * b['scale']))
+                    pts.append(matched_points(feats[pairs[i][0]], feats[pairs[i][1]], mt))
                 if pending is not None: _finish(pending, out, pkey, db)
                 pending = (idx, _submit(pts, pool, rkw))
             if pending is not None: _finish(pending, out, pkey, db)
@@ -641,25 +656,27 @@ def _finish(pending, out, pkey, db):
 # %% ../nbs/05_rerank.ipynb #d92905e4
 def match_pair(path0, path1,      # two image files
                matcher='sift',    # as in `verify_pairs`
-               method='magsac', threshold=4.0, confidence=0.99, max_iters=1000,
+               method='degensac', threshold=4.0, confidence=0.99, max_iters=1000,
                **config)->dict:
     "Matched points `pts0`, `pts1` (original pixels), homography `H`, `inliers` mask and count `n` of one pair"
     m, log = make_matcher(matcher, **config), get_logger('glr_nb.rerank')
     f = _features(m, [str(path0), str(path1)], [None, None], None, log)
     a, b = f[str(path0)], f[str(path1)]
     mt = m.match([(a, b)])[0]
-    p0, p1 = a['kp'][mt[:, 0]] * a['scale'], b['kp'][mt[:, 1]] * b['scale']
+    p0, p1 = matched_points(a, b, mt)
     n, H, mask = homography_inliers(p0, p1, method, threshold, confidence, max_iters)
-    return dict(pts0=p0, pts1=p1, H=H, inliers=mask, n=n)
+    P = np.array([[0, 1, 0], [1, 0, 0], [0, 0, 1.]])                  # (y, x) <-> (x, y)
+    return dict(pts0=p0[:, ::-1], pts1=p1[:, ::-1], H=None if H is None else P @ H @ P, inliers=mask, n=n)
 
 # %% ../nbs/05_rerank.ipynb #bc519b25
 def rerank_score(global_score,     # array of global (cosine) scores
                  inliers,          # array of inlier counts (-1: not verified)
-                 max_inliers=70    # saturation (reference: 70; 90 for the ensemble re-score)
+                 max_inliers=70,   # saturation (reference: 70; 90 for the merged list)
+                 weight=1.0        # weight of the local score (the reference's ransac_weight)
                 )->np.ndarray:
-    "Global score plus min(inliers, max_inliers)/max_inliers (vectorised; unverified rows, -1, add nothing)"
+    "Global score plus weight x min(inliers, max_inliers)/max_inliers (vectorised; unverified rows, -1, add nothing)"
     inl = np.clip(np.asarray(inliers, np.float64), 0, max_inliers)
-    return np.asarray(global_score, np.float64) + inl / max_inliers
+    return inl / max_inliers * weight + np.asarray(global_score, np.float64)
 
 # %% ../nbs/05_rerank.ipynb #bb2785a6
 def draw_matches(img0, img1,            # two images (arrays, or paths)

@@ -40,17 +40,16 @@ def test_default_demo_shape(demo):
 
 def test_demo_split_reference_rule(demo):
     d, _ = demo
-    c = make_splits(d, seed=0)                                       # the reference thresholds, unchanged
+    c = make_splits(d, seed=0, valid_num=250, n_gallery=80)          # the reference thresholds; the demo's set sizes
     assert c['v2c/random_valid_cv0.csv'] == 200
     val = pd.read_csv(d/'split'/'v2c'/'random_valid_cv0.csv')
     t20 = pd.read_csv(d/'split'/'train2020.csv')
     n = t20.landmark_id.value_counts()
     assert (n[val.landmark_id] >= 200).all()
     q = pd.read_csv(d/'split'/'val'/'query.csv', keep_default_na=False, dtype={'id': str})
-    assert (q.landmark_id >= 0).sum()*4 == (q.landmark_id < 0).sum() > 0
-    assert 100 <= (q.landmark_id < 0).sum() <= 150
+    assert ((q.landmark_id >= 0).sum(), (q.landmark_id < 0).sum()) == (50, 200)   # main()'s 20% / 80%
     gal = pd.read_csv(d/'split'/'nonlandmark.csv', dtype={'id': str})
-    assert 150 <= len(gal) <= 250 and gal.id.is_unique and q.id.is_unique
+    assert len(gal) == 80 and gal.id.is_unique and q.id.is_unique
     test_ids = set(read_ids(d/'raw'/'test.csv').id)
     assert not set(gal.id) & set(q.id) and not set(gal.id) & test_ids and not set(q.id) & test_ids
     for df in (q, gal):                                              # subset = the images/ folder holding the id
@@ -65,7 +64,7 @@ def test_demo_split_reference_rule(demo):
 def test_demo_split_no_leakage(demo):
     "Validation queries (v2x-only images among them) are in no training split"
     d, _ = demo
-    c = make_splits(d, seed=0)
+    c = make_splits(d, seed=0, valid_num=250, n_gallery=80)
     q = pd.read_csv(d/'split'/'val'/'query.csv', keep_default_na=False, dtype={'id': str})
     tr, tc = read_train(d/'raw'/'train.csv'), read_train_clean(d/'raw'/'train_clean.csv')
     val = pd.read_csv(d/'split'/'v2c'/'random_valid_cv0.csv', dtype={'id': str})
