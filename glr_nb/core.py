@@ -26,7 +26,8 @@ LIMITS = {
     'save_every_epoch': '0<..1', 'accum': '>=1', 'num_workers': '>=0', 'workers': '>=0', 'log_every': '>=1',
     'k': '>=1', 'nl_k': '>=1', 'top_k': '>=1', 'rerank_top': '>=0', 'max_inliers': '>=1', 'rerank_size': '>=0',
     'stack_folds': '>=2', 'stack_seeds': '>=1', 'max_valid': '>=1', 'num_classes': '>=1', 'seed': '>=0',
-    'gpus': '>=1', 'max_bad_frac': '0..1', 'chunk': '>=1',
+    'gpus': '>=1', 'max_bad_frac': '0..1', 'chunk': '>=1', 'preprocessing': '0..1', 'in_channels': '>=1',
+    'local_rank': '>=0', 'distributed': '0..1', 'bn_momentum': '0..1', 'retrieval_queries': '>=1',
 }
 
 # %% ../nbs/00_core.ipynb #5dfb2c32
