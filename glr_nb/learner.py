@@ -4,18 +4,20 @@
 
 # %% ../nbs/03a_learner.ipynb #44fc8cdd
 from __future__ import annotations
-import os, re, json, math, time, random, logging, resource, dataclasses, contextlib
+import os, re, json, math, time, random, logging, resource, warnings, dataclasses, contextlib
 from pathlib import Path
 import numpy as np, pandas as pd, torch, torch.nn as nn, torch.nn.functional as F
 import torch.distributed as dist
 from torch.utils.data import Dataset, DataLoader, DistributedSampler
 from fastcore.basics import store_attr
-from fastai.learner import Learner
-from fastai.callback.core import Callback, CancelValidException, CancelBatchException, CancelStepException, CancelFitException
-from fastai.callback.progress import ProgressCallback
-from fastai.callback.schedule import combined_cos, SchedCos
-from fastai.data.core import DataLoaders
-from fastai.optimizer import OptimWrapper
+with warnings.catch_warnings():   # fastai's own torch.jit.script use: not ours to fix, and every run would print it
+    warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated', category=FutureWarning)
+    from fastai.learner import Learner
+    from fastai.callback.core import Callback, CancelValidException, CancelBatchException, CancelStepException, CancelFitException
+    from fastai.callback.progress import ProgressCallback
+    from fastai.callback.schedule import combined_cos, SchedCos
+    from fastai.data.core import DataLoaders
+    from fastai.optimizer import OptimWrapper
 from .core import (GLRError, data_dir as _data_dir, result_dir as _result_dir, get_logger, save_checkpoint,
                          load_checkpoint, save_csv, set_seed)
 from .models import create_model, checkpoint_dict, LabelSmoothingLoss, pretrained_source, _strip

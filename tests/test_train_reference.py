@@ -54,3 +54,91 @@ def test_long_edge_crop_equals_the_reference():
         want = ref['random_crop_long_edge'](img, (s, s))
         got = np.asarray(long_edge_crop(Image.fromarray(img), np.random.RandomState(seed)))
         assert np.array_equal(got, want)
+
+def _flags(path='train.py'):
+    "`--name -> default` of the reference's argparse flags, read with ast"
+    out = {}
+    for node in ast.walk(ast.parse((REF/path).read_text())):
+        if isinstance(node, ast.Call) and getattr(node.func, 'attr', '') == 'add_argument':
+            kw = {k.arg: ast.literal_eval(k.value) for k in node.keywords if k.arg == 'default'}
+            out[node.args[0].value.lstrip('-')] = kw.get('default')
+    return out
+
+def test_every_reference_flag_is_a_setting_with_its_default():
+    "Every flag of the reference's train.py is a TrainSettings field; defaults equal, but for the four documented in 03_train"
+    from glr_nb.train import TrainSettings
+    flags, ours = _flags(), TrainSettings()
+    assert len(flags) == 20 and set(flags) <= set(TrainSettings.names()), set(flags) - set(TrainSettings.names())
+    differ = {k: (v, getattr(ours, k)) for k, v in flags.items() if v != getattr(ours, k)}
+    assert differ == {'num_classes': (81313, None), 'distributed': (1, None), 'local_rank': (0, None), 'gpu_id': ('0', None)}, differ
+
+def test_map_equals_the_reference_scorer():
+    "metrics.mean_average_precision == utilities/metric_util.MeanAveragePrecision on lists full of repeats"
+    from glr_nb.metrics import mean_average_precision
+    ref = ref_namespace('utilities/metric_util.py', ['MeanAveragePrecision'])['MeanAveragePrecision']
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        ids = [f'{i:016x}' for i in range(int(rng.integers(5, 60)))]
+        sol = {f'q{j}': list(rng.choice(ids, int(rng.integers(1, 5)), replace=False)) for j in range(int(rng.integers(1, 8)))}
+        pred = {q: list(rng.choice(ids, int(rng.integers(1, 150)))) for q in sol if rng.random() < .8}
+        k = int(rng.choice([3, 100]))
+        assert mean_average_precision(pred, sol, k) == pytest.approx(ref(pred, sol, max_predictions=k), abs=1e-12)
+
+@pytest.fixture(scope='module')
+def backbones():
+    "The reference's backbone modules (EfficientNet, ResNet), imported from its source"
+    sys.path.insert(0, str(REF))
+    try:
+        from layers.backbone import efficientnet_pytorch, resnet
+        yield efficientnet_pytorch, resnet
+    finally: sys.path.remove(str(REF))
+
+def _randomise(model):
+    with torch.no_grad():
+        for n, t in model.state_dict().items():
+            if t.is_floating_point(): t.copy_(torch.rand_like(t) + .5 if 'running_var' in n else torch.randn_like(t) * .1)
+    return model.eval()
+
+def test_lukemelas_weights_give_the_reference_features(backbones, tmp_path):
+    """The reference's EfficientNet-B0 with random weights, saved in its format, loads into timm's and computes the same
+    features at every size divisible by 32 (TF 'same' padding: its static padding differs when a stride-2 input is odd)"""
+    from glr_nb.models import create_model
+    ref = _randomise(backbones[0].EfficientNet.from_name('efficientnet-b0'))
+    torch.save(ref.state_dict(), tmp_path/'efficientnet-b0-355c32eb.pth')
+    ours = create_model('tf_efficientnet_b0', 5, pretrained=tmp_path/'efficientnet-b0-355c32eb.pth').backbone.eval()
+    with torch.no_grad():
+        for size, same in ((64, True), (96, True), (224, True), (80, False)):
+            x = torch.randn(2, 3, size, size)
+            a, b = ref.extract_features(x), ours.forward_features(x)
+            assert (a.shape == b.shape and torch.allclose(a, b, atol=1e-4)) == same, (size, (a - b).abs().max() if a.shape == b.shape else a.shape)
+
+@pytest.mark.parametrize('b', [5, 6, 7])
+def test_seed_efficientnets_map_and_regularise_as_the_reference(backbones, b):
+    "B5/B6/B7 (meta device): every lukemelas key maps to a timm key of the same shape; drop connect and BN as the reference"
+    from glr_nb.models import lukemelas_to_timm, create_model
+    with torch.device('meta'):
+        ref = backbones[0].EfficientNet.from_name(f'efficientnet-b{b}')
+        ours = create_model(f'class_efficientnet_b{b}_gem_fc_arcface2_1head', 7).backbone
+    mapped, own = lukemelas_to_timm(ref.state_dict(), ours), ours.state_dict()
+    assert set(mapped) - set(own) == {'classifier.weight', 'classifier.bias'} and set(own) <= set(mapped)
+    assert all(mapped[k].shape == own[k].shape for k in own)
+    gp, blocks = ref._global_params, [blk for st in ours.blocks for blk in st]
+    assert len(blocks) == len(ref._blocks)
+    want = [gp.drop_connect_rate * i / len(ref._blocks) for i in range(len(blocks))]
+    assert [getattr(blk.drop_path, 'drop_prob', 0.) for blk in blocks] == pytest.approx(want)
+    ref_bn = {(round(m.momentum, 6), m.eps) for m in ref.modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    our_bn = {(round(m.momentum, 6), m.eps) for m in ours.modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    assert ref_bn == our_bn == {(0.01, 1e-3)}
+
+def test_torchvision_resnet_weights(backbones, tmp_path):
+    "The reference's ResNet (torchvision's layout): ResNet152's keys and shapes are timm's; ResNet18 weights give its features"
+    from glr_nb.models import create_model
+    with torch.device('meta'):
+        r152, ours152 = backbones[1].resnet152(), create_model('class_resnet152_gem_fc_arcface_1head', 7).backbone
+    assert {k: v.shape for k, v in r152.state_dict().items() if not k.startswith('fc.')} == {k: v.shape for k, v in ours152.state_dict().items()}
+    r18 = _randomise(backbones[1].resnet18())
+    torch.save(r18.state_dict(), tmp_path/'resnet18-5c106cde.pth')
+    ours = create_model('class_resnet18_gem_fc_arcface_1head', 5, pretrained=tmp_path/'resnet18-5c106cde.pth').backbone.eval()
+    x = torch.randn(2, 3, 64, 64)
+    body = torch.nn.Sequential(r18.conv1, r18.bn1, r18.relu, r18.maxpool, r18.layer1, r18.layer2, r18.layer3, r18.layer4)
+    with torch.no_grad(): assert torch.allclose(body(x), ours.forward_features(x), atol=1e-5)
