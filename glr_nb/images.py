@@ -38,6 +38,10 @@ RAND_OPS = {'Identity': (0, 1), 'AutoContrast': (0, 10), 'Block_fade': (0, .5), 
             'ShearY': (0., .1), 'TranslateX': (0., .25), 'TranslateY': (0., .25)}   # augment_rand.fast_randaugment_list
 
 def _sign(v, rng): return -v if rng.random() > .5 else v
+def _translate(im, dx, dy):
+    "Shift the content by (-dx, -dy): output (x, y) shows input (x + dx, y + dy), black fill"
+    return TF.affine(im, 0., [-dx, -dy], 1., [0., 0.], center=[0., 0.])
+
 def _shear(im, sx, sy):
     "Shear about the top-left corner: input (x + sx*y, y + sy*x), nearest, black fill"
     return TF.affine(im, 0., [0., 0.], 1., [math.degrees(math.atan(sx)), math.degrees(math.atan(sy))], center=[0., 0.])
@@ -72,8 +76,8 @@ _OPS = {'Identity': lambda im, v, rng: im,
         'Rotate': lambda im, v, rng: TF.rotate(im, _sign(v, rng)),
         'ShearX': lambda im, v, rng: _shear(im, _sign(v, rng), 0.),
         'ShearY': lambda im, v, rng: _shear(im, 0., _sign(v, rng)),
-        'TranslateX': lambda im, v, rng: TF.affine(im, 0., [-_sign(v, rng) * im.size[0], 0.], 1., [0., 0.], center=[0., 0.]),
-        'TranslateY': lambda im, v, rng: TF.affine(im, 0., [0., -_sign(v, rng) * im.size[1]], 1., [0., 0.], center=[0., 0.])}
+        'TranslateX': lambda im, v, rng: _translate(im, _sign(v, rng) * im.size[0], 0.),
+        'TranslateY': lambda im, v, rng: _translate(im, 0., _sign(v, rng) * im.size[1])}
 
 def rand_op(im:Image.Image,  # RGB image
             name:str,        # a key of `RAND_OPS`
@@ -83,7 +87,7 @@ def rand_op(im:Image.Image,  # RGB image
     return _OPS[name](im, v, rng)
 
 def rand_augment(im, n=3, rng=np.random):
-    "The reference's RandAugment: `n` distinct ops, all applied, at one magnitude m in 1..9, severity m/10 of each range"
+    "The reference's RandAugment: `n` distinct ops at one magnitude m in 1..9, severity m/10 of each op's range"
     m = rng.randint(1, 10)
     for name in np.array(list(RAND_OPS))[rng.choice(len(RAND_OPS), n, replace=False)]:
         lo, hi = RAND_OPS[name]
@@ -135,7 +139,8 @@ class ImageDataset(torch.utils.data.Dataset):
         self.paths = np.asarray([str(p) for p in paths], dtype=object)
         self.labels = np.full(len(self.paths), -1, np.int64) if labels is None else np.asarray(labels, np.int64)
         if len(self.labels) != len(self.paths): raise GLRError(f"{len(self.paths)} paths but {len(self.labels)} labels")
-        if aug not in AUG_VERSIONS and aug is not None: raise GLRError(f"unknown augmentation {aug!r}; use 0, 1, 3 or 3b")
+        if aug is not None and aug not in AUG_VERSIONS:
+            raise GLRError(f"unknown augmentation {aug!r}; use 0, 1, 3 or 3b")
         self.size, self.aug, self.train, self.keep_aspect = size, AUG_VERSIONS.get(aug), train, keep_aspect
         self.n_bad, self._seen, self._by_label = 0, set(), None
         self.mean = torch.tensor(IMAGENET_MEAN if norm else (0., 0., 0.)).view(3, 1, 1)

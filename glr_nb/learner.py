@@ -13,7 +13,8 @@ from fastcore.basics import store_attr
 with warnings.catch_warnings():   # fastai's own torch.jit.script use: not ours to fix, and every run would print it
     warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated', category=FutureWarning)
     from fastai.learner import Learner
-    from fastai.callback.core import Callback, CancelValidException, CancelBatchException, CancelStepException, CancelFitException
+    from fastai.callback.core import (Callback, CancelValidException, CancelBatchException, CancelStepException,
+                                      CancelFitException)
     from fastai.callback.progress import ProgressCallback
     from fastai.callback.schedule import combined_cos, SchedCos
     from fastai.data.core import DataLoaders
@@ -283,9 +284,10 @@ def lr_at(kind, lr, pct):
 class LRSchedule(Callback):
     "Set the learning rate from the run's progress"
     order = 61
-    def __init__(self, kind, lr, total_epochs, clock): self.kind, self.lr, self.total, self.clock = kind, lr, total_epochs, clock
+    def __init__(self, kind, lr, total_epochs, clock): store_attr('kind,lr,total_epochs,clock')
     def before_batch(self):
-        if self.training: self.opt.set_hyper('lr', lr_at(self.kind, self.lr, self.clock.progress(self.learn) / self.total))
+        if not self.training: return
+        self.opt.set_hyper('lr', lr_at(self.kind, self.lr, self.clock.progress(self.learn) / self.total_epochs))
 
 class GradAccum(Callback):
     "Accumulate gradients over `n_acc` batches (by position in the epoch, so a resume keeps the rhythm)"
@@ -302,7 +304,8 @@ class SamplerEpoch(Callback):
     "Before each epoch, point the sampler at the run's epoch, past the batches a resume already did"
     order = -10
     def __init__(self, sampler, clock, bs): self.sampler, self.clock, self.bs = sampler, clock, bs
-    def before_epoch(self): self.sampler.set_epoch(self.clock.epoch(self.learn), self.clock.skip * self.bs if self.epoch == 0 else 0)
+    def before_epoch(self):
+        self.sampler.set_epoch(self.clock.epoch(self.learn), self.clock.skip * self.bs if self.epoch == 0 else 0)
 
 class FreezeBN(Callback):
     "Keep every BatchNorm layer in eval mode while training"
@@ -352,7 +355,7 @@ def flush(self:LossLog, ep):
 
 # %% ../nbs/03a_learner.ipynb #a20144ab
 class Validator:
-    "Scores a model: validation loss/accuracy and leave-one-out GAP, plus the official retrieval mAP@100 when it has the set"
+    "Scores a model: validation loss, accuracy, leave-one-out GAP, and the official retrieval mAP@100 when it can"
     def __init__(self, valid_dl=None,   # DataLoader of the validation split, or None
                  retrieval=None,        # a `RetrievalSet`, or None
                  metric='gap',          # what chooses final.pth: 'map100' (retrieval) or 'gap'
@@ -361,7 +364,8 @@ class Validator:
         store_attr()
     def __call__(self, model)->dict:
         m = evaluate(model, self.valid_dl, **(self.eval_kw or {})) if self.valid_dl is not None else {}
-        if self.retrieval is not None: m['retrieval_map100'] = retrieval_map100(model, self.retrieval, **(self.retrieval_kw or {}))
+        if self.retrieval is None: return m
+        return m | dict(retrieval_map100=retrieval_map100(model, self.retrieval, **(self.retrieval_kw or {})))
         return m
     def score(self, m:dict):
         "The value that chooses final.pth, or None without validation"
@@ -396,17 +400,17 @@ def save(self:Checkpointer, ep, done):
         m = self.validator(self.raw)
         score = self.validator.score(m)
         if score is None or score > self.best[1]: self.best = (ep, -1. if score is None else score)
-        ck = checkpoint_dict(self.raw, epoch=ep, best_epoch=self.best[0], best_score=self.best[1], metric=self.validator.metric,
-                             optimizer=self.opt.state_dict(), metrics=m, sampler=self._position(done),
-                             scaler=self.scaler.state_dict() if self.scaler is not None and self.scaler.is_enabled() else {},
-                             **(self.plan.meta or {}))
+        scaler = self.scaler.state_dict() if self.scaler is not None and self.scaler.is_enabled() else {}
+        ck = checkpoint_dict(self.raw, epoch=ep, best_epoch=self.best[0], best_score=self.best[1],
+                             metric=self.validator.metric, optimizer=self.opt.state_dict(), metrics=m,
+                             sampler=self._position(done), scaler=scaler, **(self.plan.meta or {}))
         last = self.loss_log.history[-1]['train_loss'] if self.loss_log.history else float('nan')
         self.rows.append(dict(epoch=ep, train_loss=last, **m, lr=self.opt.hypers[-1]['lr'], time=time.time()))
-        save_csv(pd.DataFrame(self.rows), self.plan.out/'log.csv')    # logs first: a resume drops rows past its checkpoint
+        save_csv(pd.DataFrame(self.rows), self.plan.out/'log.csv')    # logs first: a resume drops later rows
         save_csv(pd.DataFrame(self.loss_log.history), self.plan.out/'train_loss.csv')
         save_checkpoint(ck, self.plan.out/f'{ep:.2f}.pth')
         if self.best[0] == ep: save_checkpoint(ck, self.plan.out/'final.pth')
-        if self.logger: self.logger.info(f"epoch {ep:.2f} " + ' '.join(f"{k} {v:.4f}" for k, v in m.items()) + f" -> {ep:.2f}.pth")
+        if self.logger: self.logger.info(f"epoch {ep:.2f} " + ' '.join(f"{k} {v:.4f}" for k, v in m.items()))
     if _ddp(): dist.barrier()
 
 @patch
@@ -447,7 +451,8 @@ def _yes(v, auto):
     "A yes/no/auto setting as a bool (`auto` when 'auto' or None)"
     if isinstance(v, bool) or v is None: return auto if v is None else v
     v = str(v).lower()
-    if v not in ('auto', 'yes', 'no', 'true', 'false', '1', '0', 'on', 'off'): raise GLRError(f"{v!r}: use auto, yes or no")
+    if v not in ('auto', 'yes', 'no', 'true', 'false', '1', '0', 'on', 'off'):
+        raise GLRError(f"--channels_last {v!r}: use auto, yes or no")
     return auto if v == 'auto' else v in ('yes', 'true', '1', 'on')
 
 def _amp_dtype(amp, device):
@@ -462,13 +467,17 @@ def check_settings(s:TrainSettings):
     lr_at(s.scheduler, 0.01, 0.)
     if 'smooth' not in s.loss.lower() and s.loss.lower() not in ('ce', 'crossentropy', 'crossentropyloss'):
         raise GLRError(f"unknown --loss {s.loss!r}: use LabelSmoothingLossV1 (the reference) or CrossEntropyLoss")
-    if str(s.aug_version).lower() not in AUG_VERSIONS: raise GLRError(f"unknown --aug_version {s.aug_version!r}: use 0, 1, 3 or 3b")
-    if s.in_channels != 3: raise GLRError(f"--in_channels {s.in_channels}: only 3 (RGB) is supported, as in the reference, "
-                                          "whose backbones ignore the flag")
-    if s.preprocessing not in (0, 1): raise GLRError(f"--preprocessing {s.preprocessing}: use 1 (ImageNet mean/std) or 0 (/255)")
-    if s.select_by not in ('auto', 'map100', 'gap'): raise GLRError(f"--select_by {s.select_by!r}: use auto, map100 or gap")
+    if str(s.aug_version).lower() not in AUG_VERSIONS:
+        raise GLRError(f"unknown --aug_version {s.aug_version!r}: use 0, 1, 3 or 3b")
+    if s.in_channels != 3:
+        raise GLRError(f"--in_channels {s.in_channels}: only 3 (RGB), as the reference (its backbones ignore the flag)")
+    if s.preprocessing not in (0, 1):
+        raise GLRError(f"--preprocessing {s.preprocessing}: use 1 (ImageNet mean/std) or 0 (/255)")
+    if s.select_by not in ('auto', 'map100', 'gap'):
+        raise GLRError(f"--select_by {s.select_by!r}: use auto, map100 or gap")
     if s.resume not in (None, '') and s.overwrite: raise GLRError("pass --resume or --overwrite, not both")
-    if s.model_file and not Path(s.model_file).is_file(): raise GLRError(f"{s.model_file}: checkpoint not found; check --model_file")
+    if s.model_file and not Path(s.model_file).is_file():
+        raise GLRError(f"{s.model_file}: checkpoint not found; check --model_file")
     _yes(s.channels_last, False)
     _amp_dtype(s.amp, torch.device('cpu'))
 
@@ -495,10 +504,12 @@ def start_run(s:TrainSettings)->Run:
 # %% ../nbs/03a_learner.ipynb #fed79ec6
 def resume_state(s:TrainSettings, run:Run)->dict|None:
     "The checkpoint this run continues from (`--resume`), loaded weights-only, or None"
-    if s.resume not in (None, '') and run.resume_from is None: run.log.info(f"resume: no checkpoint in {run.out}; starting fresh")
-    if run.resume_from is None: return None
+    if run.resume_from is None:
+        if s.resume not in (None, ''): run.log.info(f"resume: no checkpoint in {run.out}; starting fresh")
+        return None
     ck = load_checkpoint(run.resume_from)
-    if 'state_dict' not in ck: raise GLRError(f"{run.resume_from}: not a glr_nb checkpoint (no state_dict); pass one written by glr_train")
+    if 'state_dict' not in ck:
+        raise GLRError(f"{run.resume_from}: not a glr_nb checkpoint (no state_dict); pass one written by glr_train")
     run.log.info(f"resume from {run.resume_from} (epoch {ck.get('epoch', 0):.2f})")
     return ck
 
@@ -510,11 +521,13 @@ def split_frames(data_dir, split_type='v2c', cv=0)->tuple:
     for f in (d/f'random_train_cv{cv}.csv', d/f'random_valid_cv{cv}.csv'):
         if not f.is_file(): raise GLRError(f"{f}: split file not found; run `glr_split --data-dir {data_dir}` first")
         df = pd.read_csv(f, dtype={'id': str})
-        if not {'id', 'landmark_id'} <= set(df.columns): raise GLRError(f"{f}: line 1: expected columns id,landmark_id; re-run glr_split")
+        if not {'id', 'landmark_id'} <= set(df.columns):
+            raise GLRError(f"{f}: line 1: expected columns id,landmark_id; re-run glr_split")
         out.append(df)
     return tuple(out)
 
-def split_datasets(data_dir, split_type='v2c', img_size=448, eval_img_size=512, aug_version='1', max_valid=None, norm=True):
+def split_datasets(data_dir, split_type='v2c', img_size=448, eval_img_size=512, aug_version='1', max_valid=None,
+                   norm=True):
     "`ImageDataset`s (train with augmentation, the first `max_valid` validation rows without) and the class count"
     from glr_nb.data import image_paths
     tr, va = split_frames(data_dir, split_type)
@@ -546,7 +559,8 @@ def make_data(s:TrainSettings, run:Run, train_ds=None, valid_ds=None)->Data:
     if s.select_by == 'map100' and rs is None:
         raise GLRError(f"{d}: --select_by map100 needs raw/retrieval_solution_v2.1.csv, images/test and images/index; "
                        "add them or use --select_by gap")
-    run.log.info(f"final.pth by {'retrieval mAP@100 on ' + str(len(rs.query_ids)) + ' Private queries' if rs else 'leave-one-out GAP'}")
+    by = f'retrieval mAP@100 on {len(rs.query_ids)} Private queries' if rs else 'leave-one-out GAP'
+    run.log.info(f"final.pth by {by}")
     return Data(train_ds, valid_ds, s.num_classes or n, rs)
 
 # %% ../nbs/03a_learner.ipynb #b69f9d9a
@@ -556,7 +570,7 @@ def build_model(s:TrainSettings, run:Run, num_classes:int, ck=None)->tuple:
     weights = ck if ck is not None else (load_checkpoint(s.model_file) if s.model_file else None)
     src = None if weights is not None else s.pretrained
     if weights is None and src in (None, False, '', 'none', 'None'):
-        run.log.warning(f"--pretrained {src}: the backbone starts from random weights (the reference starts from ImageNet)")
+        run.log.warning(f"--pretrained {src}: the backbone starts from random weights (the reference's from ImageNet)")
     raw = create_model(s.arch, num_classes, pretrained=src, drop_path=s.drop_path, bn_momentum=s.bn_momentum)
     if weights is not None: _load_weights(raw, weights, s, num_classes)
     if run.world > 1 and s.sync_bn and run.device.type == 'cuda': raw = nn.SyncBatchNorm.convert_sync_batchnorm(raw)
@@ -567,7 +581,8 @@ def build_model(s:TrainSettings, run:Run, num_classes:int, ck=None)->tuple:
 
 def _load_weights(raw, ck, s, num_classes):
     "Load a checkpoint's state_dict into `raw`, or say in one line why it does not fit"
-    if 'state_dict' not in ck: raise GLRError(f"{s.model_file}: not a glr_nb checkpoint (no state_dict); pass one written by glr_train")
+    if 'state_dict' not in ck:
+        raise GLRError(f"{s.model_file}: not a glr_nb checkpoint (no state_dict); pass one written by glr_train")
     try: raw.load_state_dict(_strip(ck['state_dict']))
     except RuntimeError as e:
         lines = str(e).splitlines()
@@ -592,20 +607,23 @@ def _start_position(s, run, n_items, ck)->tuple:
     sp = (ck or {}).get('sampler', {})
     epoch0, start = sp.get('epoch', 0), sp.get('position', 0)
     if sp.get('n', n_items) != n_items:
-        run.log.warning(f"the training split has {n_items} images, the checkpoint's had {sp['n']}: continuing at the same fraction of the epoch")
+        run.log.warning(f"the training split has {n_items} images, the checkpoint's had {sp['n']}: "
+                        "continuing at the same fraction of the epoch")
         start = round(start * n_items / sp['n'])
-    if ck is not None and sp.get('batch_size', s.batch_size) * sp.get('world_size', run.world) != s.batch_size * run.world:
+    old_bs = sp.get('batch_size', s.batch_size) * sp.get('world_size', run.world)
+    if ck is not None and old_bs != s.batch_size * run.world:
         run.log.warning("resume with another global batch size: the data order continues but batches differ")
     return sampler, Clock(n_full, epoch0, min(n_full, math.ceil(start // run.world / s.batch_size)))
 
 # %% ../nbs/03a_learner.ipynb #5e283c4f
 def _validator(s, run, data)->Validator:
     "What scores the checkpoints of this run"
-    eval_kw = dict(amp_dtype=run.amp_dtype, channels_last=run.channels_last)
-    vdl = DataLoader(data.valid_ds, s.eval_bs or 2 * s.batch_size, num_workers=s.workers) if data.valid_ds is not None else None
-    rkw = dict(size=s.eval_img_size, bs=s.eval_bs or 2 * s.batch_size, workers=s.workers, norm=s.preprocessing == 1, **eval_kw)
+    eval_kw, bs = dict(amp_dtype=run.amp_dtype, channels_last=run.channels_last), s.eval_bs or 2 * s.batch_size
+    vdl = DataLoader(data.valid_ds, bs, num_workers=s.workers) if data.valid_ds is not None else None
+    rkw = dict(size=s.eval_img_size, bs=bs, workers=s.workers, norm=s.preprocessing == 1, **eval_kw)
     loss = LabelSmoothingLoss(s.smoothing if 'smooth' in s.loss.lower() else 0.)
-    return Validator(vdl, data.retrieval, 'map100' if data.retrieval is not None else 'gap', dict(loss_func=loss, **eval_kw), rkw)
+    metric = 'map100' if data.retrieval is not None else 'gap'
+    return Validator(vdl, data.retrieval, metric, dict(loss_func=loss, **eval_kw), rkw)
 
 def prepare_learner(s:TrainSettings, run:Run, raw, model, data:Data, ck=None)->Learner:
     "The Learner at the resumed position, with the optimizer state and the callbacks of the recipe"
@@ -617,17 +635,22 @@ def prepare_learner(s:TrainSettings, run:Run, raw, model, data:Data, ck=None)->L
     fp16 = run.amp_dtype == torch.float16
     scaler = torch.amp.GradScaler(run.device.type, enabled=fp16)
     if ck is not None and ck.get('scaler') and fp16: scaler.load_state_dict(ck['scaler'])
-    best = (ck.get('best_epoch', -1.), ck.get('best_score', -1.)) if ck is not None and ck.get('metric', val.metric) == val.metric else (-1., -1.)
+    same = ck is not None and ck.get('metric', val.metric) == val.metric       # a best score of another metric restarts
+    best = (ck.get('best_epoch', -1.), ck.get('best_score', -1.)) if same else (-1., -1.)
     rows, history = _previous_rows(run.out, ck['epoch'] if ck is not None else None) if run.rank == 0 else ([], [])
     loss_log = LossLog(clock, plan, s.log_every, history, tolerate=fp16)
     lr = s.lr or SCHEDULER_LR.get(s.scheduler.lower(), 0.01)
-    cbs = [ArcFaceInput(run.channels_last), SamplerEpoch(sampler, clock, s.batch_size), LRSchedule(s.scheduler, lr, s.epochs, clock),
-           GradAccum(s.accum, clock), loss_log, Checkpointer(raw=raw, clock=clock, plan=plan, validator=val, loss_log=loss_log,
-           scaler=scaler, sampler=sampler, best=best, rows=rows, rank=run.rank, world=run.world, logger=run.log)]
-    cbs += ([Autocast(run.amp_dtype, scaler)] if run.amp_dtype is not None else []) + ([FreezeBN()] if s.freeze_bn else [])
-    learn = make_learner(model, raw, data.train_ds, s.batch_size, sampler, run.device, val.eval_kw['loss_func'], cbs, lr,
-                         s.momentum, s.wd, s.workers, run.rank)
-    if s.quiet: learn.remove_cbs([c for c in learn.cbs if isinstance(c, ProgressCallback)]); learn.logger = lambda *a: None
+    saver = Checkpointer(raw=raw, clock=clock, plan=plan, validator=val, loss_log=loss_log, scaler=scaler,
+                         sampler=sampler, best=best, rows=rows, rank=run.rank, world=run.world, logger=run.log)
+    cbs = [ArcFaceInput(run.channels_last), SamplerEpoch(sampler, clock, s.batch_size),
+           LRSchedule(s.scheduler, lr, s.epochs, clock), GradAccum(s.accum, clock), loss_log, saver]
+    cbs += [Autocast(run.amp_dtype, scaler)] if run.amp_dtype is not None else []
+    cbs += [FreezeBN()] if s.freeze_bn else []
+    learn = make_learner(model, raw, data.train_ds, s.batch_size, sampler, run.device, val.eval_kw['loss_func'], cbs,
+                         lr, s.momentum, s.wd, s.workers, run.rank)
+    if s.quiet:
+        learn.remove_cbs([c for c in learn.cbs if isinstance(c, ProgressCallback)])
+        learn.logger = lambda *a: None
     learn.create_opt()
     if ck is not None and ck.get('optimizer'): learn.opt.load_state_dict(ck['optimizer'])
     return learn
@@ -641,8 +664,9 @@ def fit_run(s:TrainSettings, run:Run, learn:Learner):
                  f"epochs {start:.2f}->{s.epochs}, amp {run.amp_dtype}, channels_last {run.channels_last} -> {run.out}")
     if s.epochs > start + 1e-9: learn.fit(math.ceil(s.epochs) - clock.epoch0, lr=learn.lr, wd=s.wd)
     if learn.loss_log.stopped is not None:
-        raise GLRError(f"training loss is not finite (NaN or inf) at epoch {learn.loss_log.stopped:.2f}: stopped before saving "
-                       f"it; earlier checkpoints are kept in {run.out}; lower --lr, try --amp none, or check the data")
+        raise GLRError(f"training loss is not finite (NaN or inf) at epoch {learn.loss_log.stopped:.2f}: stopped "
+                       f"before saving it; earlier checkpoints are kept in {run.out}; lower --lr, try --amp none, "
+                       "or check the data")
     if run.rank == 0:
         write_run_manifest(run.out, s, complete=True, epoch=s.epochs, best_epoch=ck.best[0], best_score=ck.best[1],
                            metric=ck.validator.metric, final='final.pth' if (run.out/'final.pth').is_file() else None)

@@ -44,7 +44,7 @@ def mean_average_precision(predictions:dict, # id -> ranked list of retrieved in
                            solution:dict,    # id -> list of relevant index ids
                            k:int=100         # cut-off
                           )->float:
-    "The official GLDv2 retrieval mAP@k: AP of the first k positions over min(|solution|, k), mean over solution queries"
+    "The official GLDv2 retrieval mAP@k: AP of the first k positions over min(|solution|, k), mean over queries"
     if not solution: return 0.0
     return float(np.mean([_average_precision(predictions.get(q, []), set(rel), k) for q, rel in solution.items()]))
 

@@ -107,7 +107,7 @@ class GLRNet(nn.Module):
 def reference_regularisation(name:str  # timm model name
                             )->dict:
     "The reference's drop path and backbone BN momentum for timm model `name` (None: timm's own)"
-    if 'efficientnet' in name: return dict(drop_path=0.2, bn_momentum=0.01)
+    if name.startswith('tf_efficientnet'): return dict(drop_path=0.2, bn_momentum=0.01)
     return dict(drop_path=None, bn_momentum=None)
 
 def set_bn_momentum(model:nn.Module,  # a backbone
@@ -122,9 +122,9 @@ def _strip(sd):
     return {re.sub(r'^(_orig_mod\.|module\.)+', '', k): v for k, v in sd.items()}
 
 def read_weights(path)->dict:
-    "A state dict from a weights file (safetensors or torch, weights-only; `state_dict`/`model` entry, prefixes stripped)"
+    "A state dict from a weights file: safetensors, or torch weights-only (`state_dict`/`model` entry, prefixes off)"
     p = Path(path)
-    if not p.is_file(): raise GLRError(f"{p}: pretrained weights not found; pass an existing file, 'imagenet' or 'none'")
+    if not p.is_file(): raise GLRError(f"{p}: pretrained weights not found; pass a file, 'imagenet' or 'none'")
     if p.suffix == '.safetensors':
         from safetensors.torch import load_file
         sd = load_file(str(p))
@@ -169,8 +169,10 @@ def load_backbone_weights(backbone:nn.Module,  # a timm model built with num_cla
     sd = {k: v for k, v in sd.items() if k in own or k.split('.')[0] != head}   # the ImageNet classifier goes
     bad = ([f'missing {k}' for k in own if k not in sd and not k.endswith('num_batches_tracked')] +
            [f'unexpected {k}' for k in sd if k not in own] +
-           [f'{k} has shape {tuple(sd[k].shape)}, not {tuple(own[k].shape)}' for k in sd if k in own and sd[k].shape != own[k].shape])
-    if bad: raise GLRError(f"{path}: weights do not fit {name} ({len(bad)} problems, first: {bad[0]}); pass weights of this architecture")
+           [f'{k} has shape {tuple(v.shape)}, not {tuple(own[k].shape)}' for k, v in sd.items()
+            if k in own and v.shape != own[k].shape])
+    if bad: raise GLRError(f"{path}: weights do not fit {name} ({len(bad)} problems, first: {bad[0]}); "
+                           "pass weights of this architecture")
     backbone.load_state_dict(sd, strict=False)
 
 # %% ../nbs/02_models.ipynb #c0f5c6cb
@@ -193,7 +195,8 @@ def hub_weights(name:str  # timm `arch.tag` (or arch: timm's default tag)
 def hub_reachable(timeout=3.)->bool:
     "Whether the Hugging Face hub answers a TCP connect within `timeout` s (False when `HF_HUB_OFFLINE` is set)"
     from huggingface_hub import constants
-    if constants.HF_HUB_OFFLINE or os.environ.get('HF_HUB_OFFLINE', '').lower() in ('1', 'on', 'yes', 'true'): return False
+    offline = os.environ.get('HF_HUB_OFFLINE', '').lower() in ('1', 'on', 'yes', 'true')
+    if constants.HF_HUB_OFFLINE or offline: return False
     u = urllib.parse.urlsplit(os.environ.get('HF_ENDPOINT') or constants.ENDPOINT)
     try: socket.create_connection((u.hostname, u.port or (443 if u.scheme == 'https' else 80)), timeout).close()
     except OSError: return False
@@ -230,7 +233,8 @@ def _backbone(name, src, **kw):
         return bb
     if src != 'download': return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=src), **kw)
     try: return timm.create_model(name, pretrained=True, **kw)
-    except Exception as e: raise GLRError(f"ImageNet weights {name}: download failed ({type(e).__name__}); {_WAYS_OUT}") from None
+    except Exception as e:
+        raise GLRError(f"ImageNet weights {name}: download failed ({type(e).__name__}); {_WAYS_OUT}") from None
 
 def create_model(arch:str,            # seed or timm architecture name
                  num_classes:int,     # ArcFace classes (81313 for GLDv2 clean)
@@ -238,13 +242,14 @@ def create_model(arch:str,            # seed or timm architecture name
                  emb_dim=512,         # embedding size
                  p=3., learn_p=False, s=30., m=0.3, easy_margin=False,  # GeM / ArcFace settings
                  init=None,           # ArcFace init; None = from the arch name
-                 drop_path=None,      # stochastic depth; None = the reference's (0.2 on EfficientNets)
-                 bn_momentum=None,    # backbone BatchNorm momentum; None = the reference's (0.01 on EfficientNets)
+                 drop_path=None,      # stochastic depth; None = the reference's (0.2 on TF EfficientNets)
+                 bn_momentum=None,    # backbone BatchNorm momentum; None = the reference's (0.01 on TF EfficientNets)
                  **timm_kw):          # passed to `timm.create_model`
     "Build a `GLRNet` from an architecture name"
     name, init0 = resolve_arch(arch)
     reg = reference_regularisation(name)
-    dp, bm = reg['drop_path'] if drop_path is None else drop_path, reg['bn_momentum'] if bn_momentum is None else bn_momentum
+    dp = reg['drop_path'] if drop_path is None else drop_path
+    bm = reg['bn_momentum'] if bn_momentum is None else bn_momentum
     bb = _backbone(name, pretrained_source(arch, pretrained), **({'drop_path_rate': dp} if dp else {}), **timm_kw)
     if bm is not None: set_bn_momentum(bb, bm)
     net = GLRNet(bb, num_classes, emb_dim, p, learn_p, s, m, easy_margin, init or init0)

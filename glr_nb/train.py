@@ -24,11 +24,11 @@ class TrainSettings(Settings):
     num_classes: int = None         # ArcFace classes (default: the split's count, 81313 on GLDv2)
     in_channels: int = 3            # input channels: 3 only (the reference's backbones ignore this flag)
     pretrained: str = 'imagenet'    # backbone init: imagenet (timm weights matching the reference's), a file, or none
-    drop_path: float = None         # stochastic depth (default: the reference's 0.2 on EfficientNets, none on ResNets)
-    bn_momentum: float = None       # backbone BatchNorm momentum (default: the reference's 0.01 on EfficientNets)
+    drop_path: float = None         # stochastic depth (default: the reference's 0.2 on TF EfficientNets, else timm's)
+    bn_momentum: float = None       # backbone BatchNorm momentum (default: the reference's 0.01 on TF EfficientNets)
     epochs: float = 7.              # total epochs; a fraction ends mid-epoch (e.g. 26.8)
     batch_size: int = 7             # images per process and step
-    scheduler: str = 'SGD'          # SGD, SGD2a, SGD2c (constant 0.01, 0.005, 0.0025: the reference's), onecycle, cosine
+    scheduler: str = 'SGD'          # SGD, SGD2a, SGD2c (the reference's constant 0.01, 0.005, 0.0025), onecycle, cosine
     lr: float = None                # learning rate (default: the scheduler's)
     momentum: float = 0.9           # SGD momentum
     wd: float = 1e-5                # SGD weight decay (L2 on every parameter, as the reference)
@@ -105,7 +105,8 @@ def run_complete(out_dir)->bool:
     "Whether `out_dir` holds a finished training run: run.json says complete and its final.pth is there"
     try: m = json.loads((Path(out_dir)/'run.json').read_text())
     except (OSError, ValueError): return False
-    return isinstance(m, dict) and m.get('complete') is True and (Path(out_dir)/(m.get('final') or 'final.pth')).is_file()
+    if not isinstance(m, dict) or m.get('complete') is not True: return False
+    return (Path(out_dir)/(m.get('final') or 'final.pth')).is_file()
 
 # %% ../nbs/03_train.ipynb #07d0dd7b
 def find_checkpoint(out)->Path|None:
@@ -119,7 +120,8 @@ def resume_path(out, resume)->Path|None:
     if str(resume).lower() in ('latest', '1', 'true'): return find_checkpoint(out)
     p = Path(resume)
     if not p.is_file() and (Path(out)/p).is_file(): p = Path(out)/p
-    if not p.is_file(): raise GLRError(f"{resume}: checkpoint not found (nor in {out}); pass latest, a file in the run folder or a path")
+    if not p.is_file():
+        raise GLRError(f"{resume}: checkpoint not found (nor in {out}); pass latest, a file of the run or a path")
     return p
 
 # %% ../nbs/03_train.ipynb #9d4de0c7

@@ -26,8 +26,8 @@ DDP_SCRIPT = textwrap.dedent('''
 def test_ddp_two_ranks_match_one_process(tmp_path):
     "torchrun 2 x batch 4 (gloo) == 1 process x batch 8: identical rank weights, same losses and weights"
     script = tmp_path/'ddp_run.py'; script.write_text(DDP_SCRIPT)
-    r = subprocess.run([PY, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(script), str(tmp_path), '4'],
-                       env=ENV, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([PY, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(script),
+                        str(tmp_path), '4'], env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     r = subprocess.run([PY, str(script), str(tmp_path), '8'], env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -36,8 +36,11 @@ def test_ddp_two_ranks_match_one_process(tmp_path):
     l2, l1 = json.load(open(tmp_path/'loss_2.json')), json.load(open(tmp_path/'loss_1.json'))
     assert len(l2) == len(l1) == 16
     for a, b in zip(l2, l1):
-        assert a['epoch'] == pytest.approx(b['epoch']) and a['train_loss'] == pytest.approx(b['train_loss'], rel=1e-4, abs=1e-4)
-    for k in w: assert torch.allclose(w0[k].float(), w[k].float(), atol=1e-3, rtol=1e-2), (k, (w0[k].float() - w[k].float()).abs().max().item())
+        assert a['epoch'] == pytest.approx(b['epoch'])
+        assert a['train_loss'] == pytest.approx(b['train_loss'], rel=1e-4, abs=1e-4)
+    for k in w:
+        gap = (w0[k].float() - w[k].float()).abs().max()
+        assert torch.allclose(w0[k].float(), w[k].float(), atol=1e-3, rtol=1e-2), (k, gap)
     # rank 0 alone wrote the checkpoints, named by fractional epoch, and marked the run complete
     out = tmp_path/'models'/'ddp_bs4'
     assert sorted(p.name for p in out.glob('[0-9]*.pth')) == ['0.50.pth', '1.00.pth', '1.50.pth', '2.00.pth']
@@ -51,8 +54,8 @@ def demo(tmp_path_factory):
     return d
 
 ARGS = ['--arch', 'test_resnet', '--pretrained', 'none', '--epochs', '2', '--img_size', '32', '--eval_img_size', '32',
-        '--batch_size', '32', '--save_every_epoch', '0.25', '--aug_version', '3b', '--workers', '0', '--max_valid', '48',
-        '--select_by', 'gap']
+        '--batch_size', '32', '--save_every_epoch', '0.25', '--aug_version', '3b', '--workers', '0',
+        '--max_valid', '48', '--select_by', 'gap']
 
 def _argv(demo, res, out, *extra):
     return ['--data-dir', str(demo), '--result-dir', str(res), '--out_dir', out, *ARGS, *extra]
@@ -107,7 +110,8 @@ def _readme_commands():
     "The `torchrun ... -m glr_nb.train` commands of the README, as argument lists"
     text = (ROOT/'README.md').read_text().replace('\\\n', ' ')
     env = {'GLR_DATA_DIR': '/data', 'GLR_RESULT_DIR': '/results', 'E448': '24.00', 'E512': '25.00', 'E640': '26.00'}
-    lines = [l.strip() for l in text.splitlines() if l.strip().startswith('torchrun --nproc_per_node 4 -m glr_nb.train')]
+    cmd = 'torchrun --nproc_per_node 4 -m glr_nb.train'
+    lines = [l.strip() for l in text.splitlines() if l.strip().startswith(cmd)]
     return [shlex.split(re.sub(r'\$\{?(\w+)\}?', lambda m: env[m[1]], l))[5:] for l in lines]
 
 def test_readme_commands_parse():
@@ -122,7 +126,8 @@ def test_readme_commands_parse():
         ['class_efficientnet_b6_gem_fc_arcface2_1head'] * 2 + ['class_efficientnet_b5_gem_fc_arcface_1head'] * 2 + \
         ['class_resnet152_gem_fc_arcface_1head'] * 2
     assert [r.split_type for r in runs[:8]] == ['v2c', 'v2x'] * 4
-    assert runs[1].model_file == '/results/models/v2c_sgd_ls_aug1_norm1_0907_class_efficientnet_b7_gem_fc_arcface2_1head_i448/6.70.pth'
+    v2c = 'v2c_sgd_ls_aug1_norm1_0907_class_efficientnet_b7_gem_fc_arcface2_1head_i448'
+    assert runs[1].model_file == f'/results/models/{v2c}/6.70.pth'
     assert all(r.pretrained == 'imagenet' and r.distributed == 1 and r.gpu_id == '0,1,2,3' for r in runs[:8])
     ends = {r.out_dir: r.epochs for r in runs if r.out_dir.endswith('_i736')}
     assert sorted(ends.values()) == [17.9, 19.3, 21.7, 26.8], ends          # config/en_config.py's predict_epoch
@@ -147,11 +152,12 @@ def test_cli_errors(demo, tmp_path, capsys):
         assert code == 2 and want in err.strip().splitlines()[-1], err
 
 def test_offline_default_weights(demo, tmp_path):
-    "The README command offline (empty cache, no hub): exit 2, one line naming the weights and both ways out, nothing written"
-    env = {**{k: v for k, v in ENV.items() if k != 'PYTHONWARNINGS'}, 'HF_HUB_OFFLINE': '1', 'HF_HUB_CACHE': str(tmp_path/'hf')}
+    "The README command offline (empty cache, no hub): exit 2, one line naming weights and ways out; nothing written"
+    env = {k: v for k, v in ENV.items() if k != 'PYTHONWARNINGS'}          # warnings would be lines on stderr too
+    env |= {'HF_HUB_OFFLINE': '1', 'HF_HUB_CACHE': str(tmp_path/'hf')}
     t0 = time.time()
-    r = subprocess.run([PY, '-m', 'glr_nb.train', '--data_dir', str(demo), '--result_dir', str(tmp_path), '--out_dir', 'b7'],
-                       env=env, capture_output=True, text=True, timeout=300)
+    argv = ['--data_dir', str(demo), '--result_dir', str(tmp_path), '--out_dir', 'b7']
+    r = subprocess.run([PY, '-m', 'glr_nb.train', *argv], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     for s in ('tf_efficientnet_b7.aa_in1k', '--pretrained PATH', '--pretrained none'): assert s in r.stderr, r.stderr
     assert time.time() - t0 < 120 and not (tmp_path/'models'/'b7').exists()
@@ -159,4 +165,4 @@ def test_offline_default_weights(demo, tmp_path):
 def test_python_m_entry_point(tmp_path):
     "`python -m glr_nb.train --help` reaches the script (the __main__ guard fires outside notebooks)"
     r = subprocess.run([PY, '-m', 'glr_nb.train', '--help'], env=ENV, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and '--save_every_epoch' in r.stdout and '--model_file' in r.stdout and '--overwrite' in r.stdout
+    assert r.returncode == 0 and all(f in r.stdout for f in ('--save_every_epoch', '--model_file', '--overwrite'))

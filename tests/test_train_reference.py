@@ -7,7 +7,7 @@ import numpy as np, pytest, torch
 from PIL import Image
 
 REF = Path(os.environ.get('GLR_REFERENCE_DIR') or Path(__file__).resolve().parents[2]/'shared'/'seed'/'reference')/'src'
-pytestmark = pytest.mark.skipif(not REF.is_dir(), reason=f'the reference source is not at {REF} (set GLR_REFERENCE_DIR)')
+pytestmark = pytest.mark.skipif(not REF.is_dir(), reason=f'no reference source at {REF} (set GLR_REFERENCE_DIR)')
 
 def ref_namespace(relpath, names=None, **globs):
     "Execute the reference file `relpath` (only the top-level functions `names`, when given) in a fresh namespace"
@@ -39,7 +39,8 @@ def test_rand_ops_equal_the_reference(name):
             np.random.seed(seed * 10 + m)
             want = np.asarray(ref['apply_op'](img, name, v))
             got = np.asarray(rand_op(Image.fromarray(img), name, v, np.random.RandomState(seed * 10 + m)))
-            assert got.shape == want.shape and np.array_equal(got, want), (name, m, seed, np.abs(got.astype(int) - want).max())
+            assert got.shape == want.shape, (name, m, seed)
+            assert np.array_equal(got, want), (name, m, seed, np.abs(got.astype(int) - want).max())
             changed += not np.array_equal(got, img)
     assert changed >= (0 if name == 'Identity' else 20), changed        # the ops did something to compare
 
@@ -47,7 +48,8 @@ def test_long_edge_crop_equals_the_reference():
     "The square crop along the long edge draws the same offset and cuts the same pixels as random_crop_long_edge"
     import cv2, torchvision
     from glr_nb.images import long_edge_crop
-    ref = ref_namespace('utilities/augment_util.py', ['random_crop_long_edge'], np=np, cv2=cv2, Image=Image, torchvision=torchvision)
+    ref = ref_namespace('utilities/augment_util.py', ['random_crop_long_edge'], np=np, cv2=cv2, Image=Image,
+                        torchvision=torchvision)
     for seed, img in enumerate([photo(40, 90), photo(90, 40, 1), photo(50, 50, 2)]):
         s = min(img.shape[:2])
         np.random.seed(seed)
@@ -65,12 +67,13 @@ def _flags(path='train.py'):
     return out
 
 def test_every_reference_flag_is_a_setting_with_its_default():
-    "Every flag of the reference's train.py is a TrainSettings field; defaults equal, but for the four documented in 03_train"
+    "Every flag of the reference's train.py is a TrainSettings field; defaults equal but the four 03_train explains"
     from glr_nb.train import TrainSettings
     flags, ours = _flags(), TrainSettings()
     assert len(flags) == 20 and set(flags) <= set(TrainSettings.names()), set(flags) - set(TrainSettings.names())
     differ = {k: (v, getattr(ours, k)) for k, v in flags.items() if v != getattr(ours, k)}
-    assert differ == {'num_classes': (81313, None), 'distributed': (1, None), 'local_rank': (0, None), 'gpu_id': ('0', None)}, differ
+    want = {'num_classes': (81313, None), 'distributed': (1, None), 'local_rank': (0, None), 'gpu_id': ('0', None)}
+    assert differ == want, differ
 
 def test_map_equals_the_reference_scorer():
     "metrics.mean_average_precision == utilities/metric_util.MeanAveragePrecision on lists full of repeats"
@@ -79,7 +82,8 @@ def test_map_equals_the_reference_scorer():
     rng = np.random.default_rng(0)
     for trial in range(300):
         ids = [f'{i:016x}' for i in range(int(rng.integers(5, 60)))]
-        sol = {f'q{j}': list(rng.choice(ids, int(rng.integers(1, 5)), replace=False)) for j in range(int(rng.integers(1, 8)))}
+        nq = int(rng.integers(1, 8))
+        sol = {f'q{j}': list(rng.choice(ids, int(rng.integers(1, 5)), replace=False)) for j in range(nq)}
         pred = {q: list(rng.choice(ids, int(rng.integers(1, 150)))) for q in sol if rng.random() < .8}
         k = int(rng.choice([3, 100]))
         assert mean_average_precision(pred, sol, k) == pytest.approx(ref(pred, sol, max_predictions=k), abs=1e-12)
@@ -96,12 +100,14 @@ def backbones():
 def _randomise(model):
     with torch.no_grad():
         for n, t in model.state_dict().items():
-            if t.is_floating_point(): t.copy_(torch.rand_like(t) + .5 if 'running_var' in n else torch.randn_like(t) * .1)
+            if not t.is_floating_point(): continue
+            t.copy_(torch.rand_like(t) + .5 if 'running_var' in n else torch.randn_like(t) * .1)
     return model.eval()
 
 def test_lukemelas_weights_give_the_reference_features(backbones, tmp_path):
     """The reference's EfficientNet-B0 with random weights, saved in its format, loads into timm's and computes the same
-    features at every size divisible by 32 (TF 'same' padding: its static padding differs when a stride-2 input is odd)"""
+    features at every size divisible by 32 (TF 'same' padding: its static padding differs when a stride-2 input is
+    odd)"""
     from glr_nb.models import create_model
     ref = _randomise(backbones[0].EfficientNet.from_name('efficientnet-b0'))
     torch.save(ref.state_dict(), tmp_path/'efficientnet-b0-355c32eb.pth')
@@ -110,11 +116,12 @@ def test_lukemelas_weights_give_the_reference_features(backbones, tmp_path):
         for size, same in ((64, True), (96, True), (224, True), (80, False)):
             x = torch.randn(2, 3, size, size)
             a, b = ref.extract_features(x), ours.forward_features(x)
-            assert (a.shape == b.shape and torch.allclose(a, b, atol=1e-4)) == same, (size, (a - b).abs().max() if a.shape == b.shape else a.shape)
+            equal = a.shape == b.shape and torch.allclose(a, b, atol=1e-4)
+            assert equal == same, (size, a.shape, b.shape)
 
 @pytest.mark.parametrize('b', [5, 6, 7])
 def test_seed_efficientnets_map_and_regularise_as_the_reference(backbones, b):
-    "B5/B6/B7 (meta device): every lukemelas key maps to a timm key of the same shape; drop connect and BN as the reference"
+    "B5/B6/B7 on the meta device: lukemelas keys map to timm keys of equal shapes; drop connect and BN as the reference"
     from glr_nb.models import lukemelas_to_timm, create_model
     with torch.device('meta'):
         ref = backbones[0].EfficientNet.from_name(f'efficientnet-b{b}')
@@ -131,14 +138,17 @@ def test_seed_efficientnets_map_and_regularise_as_the_reference(backbones, b):
     assert ref_bn == our_bn == {(0.01, 1e-3)}
 
 def test_torchvision_resnet_weights(backbones, tmp_path):
-    "The reference's ResNet (torchvision's layout): ResNet152's keys and shapes are timm's; ResNet18 weights give its features"
+    "The reference's ResNet (torchvision layout): ResNet152 keys and shapes are timm's; ResNet18 weights, its features"
     from glr_nb.models import create_model
     with torch.device('meta'):
         r152, ours152 = backbones[1].resnet152(), create_model('class_resnet152_gem_fc_arcface_1head', 7).backbone
-    assert {k: v.shape for k, v in r152.state_dict().items() if not k.startswith('fc.')} == {k: v.shape for k, v in ours152.state_dict().items()}
+    theirs = {k: v.shape for k, v in r152.state_dict().items() if not k.startswith('fc.')}
+    assert theirs == {k: v.shape for k, v in ours152.state_dict().items()}
     r18 = _randomise(backbones[1].resnet18())
     torch.save(r18.state_dict(), tmp_path/'resnet18-5c106cde.pth')
-    ours = create_model('class_resnet18_gem_fc_arcface_1head', 5, pretrained=tmp_path/'resnet18-5c106cde.pth').backbone.eval()
+    ours = create_model('class_resnet18_gem_fc_arcface_1head', 5, pretrained=tmp_path/'resnet18-5c106cde.pth')
+    ours = ours.backbone.eval()
     x = torch.randn(2, 3, 64, 64)
-    body = torch.nn.Sequential(r18.conv1, r18.bn1, r18.relu, r18.maxpool, r18.layer1, r18.layer2, r18.layer3, r18.layer4)
+    layers = [getattr(r18, f'layer{i}') for i in range(1, 5)]
+    body = torch.nn.Sequential(r18.conv1, r18.bn1, r18.relu, r18.maxpool, *layers)
     with torch.no_grad(): assert torch.allclose(body(x), ours.forward_features(x), atol=1e-5)
