@@ -63,6 +63,11 @@ class TrainSettings(Settings):
     def __post_init__(self):
         for f in dataclasses.fields(self):    # paths become plain strings: checkpoints store settings weights-only
             if isinstance(getattr(self, f.name), os.PathLike): setattr(self, f.name, os.fspath(getattr(self, f.name)))
+        if self.pretrained in (None, False, True): self.pretrained = 'imagenet' if self.pretrained else 'none'
+        yes_no = {None: 'auto', False: 'no', True: 'yes'}
+        if self.channels_last in yes_no: self.channels_last = yes_no[self.channels_last]
+        self.amp = 'none' if self.amp is None else self.amp
+        self.aug_version = '0' if self.aug_version is None else str(self.aug_version)
         super().__post_init__()
 
 # %% ../nbs/03_train.ipynb #b9333a75
