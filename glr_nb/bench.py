@@ -14,7 +14,7 @@ __all__ = ['BENCHES', 'machine_info', 'run_bench', 'glr_bench']
 
 # %% ../nbs/10_bench.ipynb #ac2c8816
 BENCHES = {'split':   ('data', dict(n='n_rows')),          'decode':  ('images', dict(n='n')),
-           'train':   ('train', dict(n='n', img='img')),   'extract': ('retrieval', dict(n='n', img='img')),
+           'train':   ('learner', dict(n='n', img='img')),   'extract': ('retrieval', dict(n='n', img='img')),
            'knn':     ('retrieval', dict(n='n')),          'rerank':  ('rerank', dict(n='n_queries', img='size')),
            'postprocess': ('postprocess', dict(n='n_queries'))}
 

@@ -28,7 +28,8 @@ LIMITS = {
     'stack_folds': '>=2', 'stack_seeds': '>=1', 'max_valid': '>=1', 'num_classes': '>=1', 'seed': '>=0',
     'stack_models': '>=1', 'stack_best': '>=1', 'min_child_samples': '>=1', 'stack_threads': '>=1',
     'valid_num': '>=1', 'n_gallery': '>=0',
-    'gpus': '>=1', 'max_bad_frac': '0..1', 'chunk': '>=1',
+    'gpus': '>=1', 'max_bad_frac': '0..1', 'chunk': '>=1', 'preprocessing': '0..1', 'in_channels': '>=1',
+    'local_rank': '>=0', 'distributed': '0..1', 'bn_momentum': '0..1', 'retrieval_queries': '>=1',
 }
 
 # %% ../nbs/00_core.ipynb #5dfb2c32

@@ -7,14 +7,16 @@ from __future__ import annotations
 import io, json, math, time, tempfile
 from pathlib import Path
 import numpy as np, pandas as pd, torch
-from PIL import Image
+from PIL import Image, ImageOps
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
 from fastcore.basics import patch
 from .core import GLRError, get_logger
 from .data import make_demo_dataset, image_paths
 
 # %% auto #0
-__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'BAD_LABEL', 'load_image', 'long_edge_crop', 'augment', 'ImageDataset',
-           'bench_decode']
+__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'BAD_LABEL', 'RAND_OPS', 'AUG_VERSIONS', 'load_image', 'rand_op', 'rand_augment',
+           'long_edge_crop', 'augment', 'ImageDataset', 'bench_decode']
 
 # %% ../nbs/01c_images.ipynb #ca30096a
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -31,52 +33,130 @@ def load_image(path,             # JPEG (or any PIL-readable) file
     return im.convert('RGB')
 
 # %% ../nbs/01c_images.ipynb #89bb0666
-from torchvision.transforms import v2 as T
+RAND_OPS = {'Identity': (0, 1), 'AutoContrast': (0, 10), 'Block_fade': (0, .5), 'Brightness': (.5, 1.5),
+            'Color': (0., 2.), 'Contrast': (0., 2.), 'Cutout': (0, .5), 'Rotate': (-20, 20), 'ShearX': (0., .1),
+            'ShearY': (0., .1), 'TranslateX': (0., .25), 'TranslateY': (0., .25)}   # augment_rand.fast_randaugment_list
 
-def long_edge_crop(im):  # PIL image
-    "Randomly crop a PIL image along its long edge to a length between its short and long side"
-    w, h = im.size; lo, hi = min(w, h), max(w, h)
-    n = int(torch.randint(lo, hi + 1, ()).item()); o = int(torch.randint(0, hi - n + 1, ()).item())
-    return im.crop((o, 0, o + n, h)) if w >= h else im.crop((0, o, w, o + n))
+def _sign(v, rng): return -v if rng.random() > .5 else v
+def _translate(im, dx, dy):
+    "Shift the content by (-dx, -dy): output (x, y) shows input (x + dx, y + dy), black fill"
+    return TF.affine(im, 0., [-dx, -dy], 1., [0., 0.], center=[0., 0.])
 
-def augment(aug=None):  # None, 'v1' (flip) or 'v3b' (RandAugment + flip; the long-edge crop is done on decode)
-    "The uint8-tensor augmentation for `aug`"
-    if aug in (None, 'none'): return None
-    if aug == 'v1': return T.RandomHorizontalFlip()
-    if aug == 'v3b': return T.Compose([T.RandAugment(num_ops=2, magnitude=9), T.RandomHorizontalFlip()])
-    raise GLRError(f"unknown augmentation {aug!r}; use None, 'v1' or 'v3b'")
+def _shear(im, sx, sy):
+    "Shear about the top-left corner: input (x + sx*y, y + sy*x), nearest, black fill"
+    return TF.affine(im, 0., [0., 0.], 1., [math.degrees(math.atan(sx)), math.degrees(math.atan(sy))], center=[0., 0.])
+
+# %% ../nbs/01c_images.ipynb #46dc22c9
+def _cutout(im, v, rng):
+    "A grey square of side `v` pixels around a random point (the reference's CutoutAbs)"
+    a, w, h = np.array(im), *im.size
+    x0, y0 = int(max(0, rng.uniform(w, 1) - v/2)), int(max(0, rng.uniform(h, 1) - v/2))   # as drawn there: in (1, w]
+    a[y0:int(min(h, y0 + v)) + 1, x0:int(min(w, x0 + v)) + 1] = (125, 123, 114)
+    return Image.fromarray(a)
+
+def _block_fade(im, v, rng):
+    "Darken a random block of the dark pixels' bounding box by a factor in 0.1..0.5 (the reference's arithmetic)"
+    a = np.asarray(im) / 255.
+    ys, xs = np.nonzero((a < .5).any(-1))
+    w, h = (xs.max() - xs.min(), ys.max() - ys.min()) if len(xs) else (0, 0)
+    if w * h >= 10:
+        ew, eh = (rng.uniform(.1, v, 2) * (w, h)).astype(int)
+        ex, ey = rng.randint(0, w - ew) + xs.min(), rng.randint(0, h - eh) + ys.min()
+        a[ey:ey + eh, ex:ex + ew] *= rng.uniform(.1, .5)
+    return Image.fromarray((np.clip(a, 0, 1) * 255.).astype(np.uint8))
+
+# %% ../nbs/01c_images.ipynb #8dde7157
+_OPS = {'Identity': lambda im, v, rng: im,
+        'AutoContrast': lambda im, v, rng: ImageOps.autocontrast(im, v),
+        'Block_fade': _block_fade,
+        'Brightness': lambda im, v, rng: TF.adjust_brightness(im, v),
+        'Color': lambda im, v, rng: TF.adjust_saturation(im, v),
+        'Contrast': lambda im, v, rng: TF.adjust_contrast(im, v),
+        'Cutout': lambda im, v, rng: _cutout(im, v * im.size[0], rng) if v > 0 else im,
+        'Rotate': lambda im, v, rng: TF.rotate(im, _sign(v, rng)),
+        'ShearX': lambda im, v, rng: _shear(im, _sign(v, rng), 0.),
+        'ShearY': lambda im, v, rng: _shear(im, 0., _sign(v, rng)),
+        'TranslateX': lambda im, v, rng: _translate(im, _sign(v, rng) * im.size[0], 0.),
+        'TranslateY': lambda im, v, rng: _translate(im, 0., _sign(v, rng) * im.size[1])}
+
+def rand_op(im:Image.Image,  # RGB image
+            name:str,        # a key of `RAND_OPS`
+            v:float,         # severity, within the op's range
+            rng=np.random):  # NumPy RandomState (or the np.random module)
+    "One RandAugment op of the reference at severity `v`"
+    return _OPS[name](im, v, rng)
+
+def rand_augment(im, n=3, rng=np.random):
+    "The reference's RandAugment: `n` distinct ops at one magnitude m in 1..9, severity m/10 of each op's range"
+    m = rng.randint(1, 10)
+    for name in np.array(list(RAND_OPS))[rng.choice(len(RAND_OPS), n, replace=False)]:
+        lo, hi = RAND_OPS[name]
+        im = rand_op(im, name, m / 10 * (hi - lo) + lo, rng)
+    return im
+
+# %% ../nbs/01c_images.ipynb #a8bff354
+AUG_VERSIONS = {'0': None, 'none': None, '1': '1', 'v1': '1', '3': '3', 'v3': '3', '3b': '3b', 'v3b': '3b'}
+
+def long_edge_crop(im, rng=np.random):
+    "A square crop, side the short edge, at a random offset along the long edge (the reference's random_crop_long_edge)"
+    w, h = im.size
+    s = min(w, h)
+    top, left = (0 if s == h else rng.randint(0, h - s)), (0 if s == w else rng.randint(0, w - s))
+    return TF.crop(im, top, left, s, s)
+
+def _pre_3b(im, rng):
+    "The reference's do_rand_aug: a rare quarter turn, RandAugment, then nothing / flip / zoom 0.75..1.25"
+    if rng.random() < .03: im = TF.rotate(im, 90 if rng.random() < .5 else 270, expand=True)
+    im = rand_augment(im, 3, rng)
+    k = rng.randint(3)
+    if k == 1: return TF.horizontal_flip(im)
+    if k == 2: return TF.affine(im, 0., [0., 0.], rng.uniform(.75, 1.25), [0., 0.], InterpolationMode.BILINEAR)
+    return im
+
+# %% ../nbs/01c_images.ipynb #294819a1
+def augment(im:Image.Image,  # decoded RGB image
+            aug,             # None/'0', '1', '3' or '3b' (the reference's --aug_version; 'v1', 'v3b' too)
+            size:int,        # output square size
+            rng=np.random):  # NumPy RandomState (or the np.random module)
+    "The reference's training augmentation `aug` of `im`, resized to `size` x `size`"
+    if aug is not None and aug not in AUG_VERSIONS: raise GLRError(f"unknown augmentation {aug!r}; use 0, 1, 3 or 3b")
+    aug = AUG_VERSIONS.get(aug)
+    if aug == '3b': im = _pre_3b(im, rng)
+    if aug == '1' and rng.random() < .5: im = TF.horizontal_flip(im)
+    if aug in ('3', '3b') and rng.random() < .5: im = long_edge_crop(im, rng)
+    return TF.resize(im, [size, size], InterpolationMode.BILINEAR, antialias=True)
 
 # %% ../nbs/01c_images.ipynb #ee690773
 class ImageDataset(torch.utils.data.Dataset):
-    "Images -> (x float32 [3,size,size] ImageNet-normalised, y int64); bad images replaced (train) or flagged"
+    "Images -> (x float32 [3,size,size] normalised, y int64); bad images replaced (train) or flagged"
     def __init__(self, paths,            # image files (str or Path)
                  labels=None,            # int labels; None -> y = -1
                  size=448,               # output square size
-                 aug=None,               # None, 'v1' or 'v3b'
+                 aug=None,               # None, '1', '3' or '3b' (`augment`)
                  train=False,            # replace bad images by another of the same label
-                 keep_aspect=False):     # resize the long side and zero-pad instead of squashing
+                 keep_aspect=False,      # resize the long side and zero-pad instead of squashing
+                 norm=True):             # ImageNet mean/std (the reference's preprocessing 1); False: /255 only
         self.paths = np.asarray([str(p) for p in paths], dtype=object)
         self.labels = np.full(len(self.paths), -1, np.int64) if labels is None else np.asarray(labels, np.int64)
         if len(self.labels) != len(self.paths): raise GLRError(f"{len(self.paths)} paths but {len(self.labels)} labels")
-        self.size, self.aug, self.train, self.keep_aspect = size, aug, train, keep_aspect
-        self.tfm, self.n_bad, self._seen, self._by_label = augment(aug), 0, set(), None
-        self.mean, self.std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        if aug is not None and aug not in AUG_VERSIONS:
+            raise GLRError(f"unknown augmentation {aug!r}; use 0, 1, 3 or 3b")
+        self.size, self.aug, self.train, self.keep_aspect = size, AUG_VERSIONS.get(aug), train, keep_aspect
+        self.n_bad, self._seen, self._by_label = 0, set(), None
+        self.mean = torch.tensor(IMAGENET_MEAN if norm else (0., 0., 0.)).view(3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD if norm else (1., 1., 1.)).view(3, 1, 1)
     def __len__(self): return len(self.paths)
 
 # %% ../nbs/01c_images.ipynb #e0cb8992
-from fastcore.basics import patch
-
 @patch
 def _load(self:ImageDataset, i):
-    "Decode, crop, resize, augment and normalise image `i` (raises on a bad file)"
-    im = load_image(self.paths[i], self.size, self.keep_aspect)
-    if self.aug == 'v3b': im = long_edge_crop(im)
-    s = self.size
+    "Decode, augment, resize and normalise image `i` (raises on a bad file)"
+    im, s = load_image(self.paths[i], self.size, self.keep_aspect), self.size
     if self.keep_aspect:
         w, h = im.size; r = s/max(w, h); im = im.resize((max(1, round(w*r)), max(1, round(h*r))), Image.BILINEAR)
+    elif self.aug is not None: im = augment(im, self.aug, s)
     else: im = im.resize((s, s), Image.BILINEAR)
     x = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
-    if self.tfm is not None: x = self.tfm(x)
     x = (x.float()/255 - self.mean)/self.std
     if self.keep_aspect: x = torch.nn.functional.pad(x, (0, s - x.shape[2], 0, s - x.shape[1]))
     return x

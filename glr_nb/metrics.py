@@ -31,20 +31,22 @@ def global_average_precision(predictions:dict, # id -> (label, score); ids may b
     return float((prec * rel).sum() / m)
 
 # %% ../nbs/07_metrics.ipynb #e57fc16f
+def _average_precision(ranked, rel:set, k:int)->float:
+    "AP of one ranked list: first `k` positions, a repeat keeps its place but scores nothing"
+    r = np.asarray(list(ranked)[:k], dtype=object)
+    if not rel or not len(r): return 0.0
+    first = np.zeros(len(r), bool)
+    first[np.unique(r, return_index=True)[1]] = True
+    hit = first & np.fromiter((x in rel for x in r), bool, len(r))
+    return float((np.cumsum(hit) / np.arange(1, len(r)+1))[hit].sum()) / min(len(rel), k)
+
 def mean_average_precision(predictions:dict, # id -> ranked list of retrieved index ids
                            solution:dict,    # id -> list of relevant index ids
                            k:int=100         # cut-off
                           )->float:
-    "GLR retrieval mAP@k: duplicates skipped, AP divided by min(#relevant, k), mean over solution queries"
-    aps = []
-    for q, rel in solution.items():
-        rel = set(rel)
-        if not rel: continue
-        ranked = list(dict.fromkeys(predictions.get(q, [])))[:k]
-        hit = np.array([r in rel for r in ranked], dtype=float)
-        prec = np.cumsum(hit) / np.arange(1, len(hit)+1) if len(hit) else hit
-        aps.append(float((prec*hit).sum()) / min(len(rel), k))
-    return float(np.mean(aps)) if aps else 0.0
+    "The official GLDv2 retrieval mAP@k: AP of the first k positions over min(|solution|, k), mean over queries"
+    if not solution: return 0.0
+    return float(np.mean([_average_precision(predictions.get(q, []), set(rel), k) for q, rel in solution.items()]))
 
 # %% ../nbs/07_metrics.ipynb #42b7091d
 def _read_csv(path, cols):

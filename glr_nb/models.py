@@ -4,15 +4,16 @@
 
 # %% ../nbs/02_models.ipynb #9d79b17c
 from __future__ import annotations
-import math, re
+import os, math, re, socket, urllib.parse
 from pathlib import Path
 import torch, torch.nn as nn, torch.nn.functional as F
 import timm
-from .core import GLRError, load_checkpoint
+from .core import GLRError, load_checkpoint, get_logger
 
 # %% auto #0
-__all__ = ['SEED_BACKBONES', 'GeM', 'ArcMarginProduct', 'LabelSmoothingLoss', 'resolve_arch', 'GLRNet', 'create_model',
-           'checkpoint_dict', 'load_model']
+__all__ = ['SEED_BACKBONES', 'GeM', 'ArcMarginProduct', 'LabelSmoothingLoss', 'resolve_arch', 'GLRNet',
+           'reference_regularisation', 'set_bn_momentum', 'read_weights', 'lukemelas_to_timm', 'load_backbone_weights',
+           'hub_weights', 'hub_reachable', 'pretrained_source', 'create_model', 'checkpoint_dict', 'load_model']
 
 # %% ../nbs/02_models.ipynb #90fe92db
 class GeM(nn.Module):
@@ -70,12 +71,12 @@ class LabelSmoothingLoss(nn.Module):
         return ((1 - self.smoothing) * nll + self.smoothing * -logp.mean(-1)).mean()
 
 # %% ../nbs/02_models.ipynb #ffb4a9b2
-SEED_BACKBONES = {'efficientnet_b5': 'tf_efficientnet_b5', 'efficientnet_b6': 'tf_efficientnet_b6',
-                  'efficientnet_b7': 'tf_efficientnet_b7', 'resnet152': 'resnet152'}
+SEED_BACKBONES = {'efficientnet_b5': 'tf_efficientnet_b5.aa_in1k', 'efficientnet_b6': 'tf_efficientnet_b6.aa_in1k',
+                  'efficientnet_b7': 'tf_efficientnet_b7.aa_in1k', 'resnet152': 'resnet152.tv_in1k'}
 
 def resolve_arch(arch:str  # seed name (class_efficientnet_b7_gem_fc_arcface2_1head) or timm name
                 )->tuple:
-    "Map an architecture name to `(timm_name, arcface_init)`"
+    "Map an architecture name to `(timm_name, arcface_init)`; seed backbones get the tag of the reference's weights"
     m = re.fullmatch(r'class_(.+)_gem_fc_(arcface2?)_1head', arch)
     name, init = (SEED_BACKBONES.get(m[1], m[1]), m[2]) if m else (arch, 'arcface2')
     if not timm.is_model(name):
@@ -102,23 +103,158 @@ class GLRNet(nn.Module):
         emb = self.extract_feature(x)
         return self.head(emb, label), emb
 
+# %% ../nbs/02_models.ipynb #130b8e1a
+def reference_regularisation(name:str  # timm model name
+                            )->dict:
+    "The reference's drop path and backbone BN momentum for timm model `name` (None: timm's own)"
+    if name.startswith('tf_efficientnet'): return dict(drop_path=0.2, bn_momentum=0.01)
+    return dict(drop_path=None, bn_momentum=None)
+
+def set_bn_momentum(model:nn.Module,  # a backbone
+                    momentum:float):  # PyTorch convention: the weight of the new batch
+    "Set the momentum of every BatchNorm layer in `model`"
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm): m.momentum = momentum
+
+# %% ../nbs/02_models.ipynb #89928dda
+def _strip(sd):
+    "Keys without the `module.` (DDP) and `_orig_mod.` (torch.compile) prefixes"
+    return {re.sub(r'^(_orig_mod\.|module\.)+', '', k): v for k, v in sd.items()}
+
+def read_weights(path)->dict:
+    "A state dict from a weights file: safetensors, or torch weights-only (`state_dict`/`model` entry, prefixes off)"
+    p = Path(path)
+    if not p.is_file(): raise GLRError(f"{p}: pretrained weights not found; pass a file, 'imagenet' or 'none'")
+    if p.suffix == '.safetensors':
+        from safetensors.torch import load_file
+        sd = load_file(str(p))
+    else: sd = load_checkpoint(p)
+    sd = next((sd[k] for k in ('state_dict', 'model', 'model_state_dict') if isinstance(sd.get(k), dict)), sd)
+    sd = _strip(sd)
+    if any(k.startswith('backbone.') for k in sd): sd = {k[9:]: v for k, v in sd.items() if k.startswith('backbone.')}
+    return sd
+
+# %% ../nbs/02_models.ipynb #c6d887d3
+_LM_TOP = {'_conv_stem': 'conv_stem', '_bn0': 'bn1', '_conv_head': 'conv_head', '_bn1': 'bn2', '_fc': 'classifier'}
+_LM_BLOCK = {'_expand_conv': 'conv_pw', '_bn0': 'bn1', '_depthwise_conv': 'conv_dw',
+             '_se_reduce': 'se.conv_reduce', '_se_expand': 'se.conv_expand'}
+_LM_TAIL = {True: {'_bn1': 'bn2', '_project_conv': 'conv_pwl', '_bn2': 'bn3'},   # timm InvertedResidual
+            False: {'_bn1': 'bn1', '_project_conv': 'conv_pw', '_bn2': 'bn2'}}   # timm DepthwiseSeparableConv
+
+def lukemelas_to_timm(sd:dict,       # a lukemelas EfficientNet-PyTorch state dict
+                      model:nn.Module  # the timm EfficientNet it should load into
+                     )->dict:
+    "Rename lukemelas EfficientNet keys (`_blocks.N._project_conv.weight`) to timm's (`blocks.S.J.conv_pwl.weight`)"
+    where = [f'blocks.{s}.{j}' for s, stage in enumerate(model.blocks) for j in range(len(stage))]
+    out = {}
+    for k, v in sd.items():
+        m = re.fullmatch(r'_blocks\.(\d+)\.(\w+)\.(\w+)', k)
+        if m is None: top, rest = k.split('.', 1); out[f'{_LM_TOP[top]}.{rest}'] = v; continue
+        names = {**_LM_BLOCK, **_LM_TAIL[f'_blocks.{m[1]}._expand_conv.weight' in sd]}
+        out[f'{where[int(m[1])]}.{names[m[2]]}.{m[3]}'] = v
+    return out
+
+# %% ../nbs/02_models.ipynb #3dbff5d4
+def load_backbone_weights(backbone:nn.Module,  # a timm model built with num_classes=0
+                          path,                # timm, torchvision-ResNet or lukemelas-EfficientNet weights
+                          name=''):            # architecture, for messages
+    "Load ImageNet weights from a file into `backbone`; every tensor must be there with its shape"
+    sd = read_weights(path)
+    if any(k.startswith('_blocks.') for k in sd):
+        try: sd = lukemelas_to_timm(sd, backbone)
+        except (KeyError, IndexError, ValueError, AttributeError) as e:
+            raise GLRError(f"{path}: lukemelas EfficientNet weights that do not fit {name} ({type(e).__name__}: {e}); "
+                           "pass the file of this architecture") from None
+    own, head = backbone.state_dict(), backbone.pretrained_cfg.get('classifier', 'classifier')
+    sd = {k: v for k, v in sd.items() if k in own or k.split('.')[0] != head}   # the ImageNet classifier goes
+    bad = ([f'missing {k}' for k in own if k not in sd and not k.endswith('num_batches_tracked')] +
+           [f'unexpected {k}' for k in sd if k not in own] +
+           [f'{k} has shape {tuple(v.shape)}, not {tuple(own[k].shape)}' for k, v in sd.items()
+            if k in own and v.shape != own[k].shape])
+    if bad: raise GLRError(f"{path}: weights do not fit {name} ({len(bad)} problems, first: {bad[0]}); "
+                           "pass weights of this architecture")
+    backbone.load_state_dict(sd, strict=False)
+
+# %% ../nbs/02_models.ipynb #c0f5c6cb
+def _hub_cache()->Path:
+    "The Hugging Face hub cache folder, read from the environment now (`HF_HUB_CACHE`, `HF_HOME`)"
+    from huggingface_hub import constants
+    if os.environ.get('HF_HUB_CACHE'): return Path(os.environ['HF_HUB_CACHE'])
+    return Path(os.environ['HF_HOME'])/'hub' if os.environ.get('HF_HOME') else Path(constants.HF_HUB_CACHE)
+
+def hub_weights(name:str  # timm `arch.tag` (or arch: timm's default tag)
+               )->str|None:
+    "The cached file of timm's weights for `name` in the Hugging Face cache, or None"
+    from huggingface_hub import try_to_load_from_cache
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None or not cfg.hf_hub_id: return None
+    for f in [f for f in (cfg.hf_hub_filename, 'model.safetensors', 'pytorch_model.bin') if f]:
+        p = try_to_load_from_cache(cfg.hf_hub_id, f, cache_dir=_hub_cache())
+        if isinstance(p, str): return p
+
+def hub_reachable(timeout=3.)->bool:
+    "Whether the Hugging Face hub answers a TCP connect within `timeout` s (False when `HF_HUB_OFFLINE` is set)"
+    from huggingface_hub import constants
+    offline = os.environ.get('HF_HUB_OFFLINE', '').lower() in ('1', 'on', 'yes', 'true')
+    if constants.HF_HUB_OFFLINE or offline: return False
+    u = urllib.parse.urlsplit(os.environ.get('HF_ENDPOINT') or constants.ENDPOINT)
+    try: socket.create_connection((u.hostname, u.port or (443 if u.scheme == 'https' else 80)), timeout).close()
+    except OSError: return False
+    return True
+
+# %% ../nbs/02_models.ipynb #d03b17fe
+_WAYS_OUT = ("pass --pretrained PATH (a local weights file in timm, torchvision resnet152-*.pth or lukemelas "
+             "efficientnet-b7-*.pth format) or --pretrained none (random init)")
+
+def pretrained_source(arch:str,   # seed or timm architecture
+                      pretrained  # 'imagenet'/True, a file, or None/'none'/False
+                     ):
+    "Where the backbone weights will come from: None, a cached hub file, 'download', or a local Path; fails fast"
+    if pretrained in (None, False, '', 'none', 'None'): return None
+    if pretrained is True or str(pretrained).lower() == 'imagenet':
+        name = resolve_arch(arch)[0]
+        cfg = timm.models.get_pretrained_cfg(name)
+        if cfg is None: raise GLRError(f"timm has no ImageNet weights for {name}; {_WAYS_OUT}")
+        tag = f'{cfg.architecture}.{cfg.tag}'
+        if (f := hub_weights(name)): return f
+        if hub_reachable(): return 'download'
+        raise GLRError(f"ImageNet weights {tag} are not in the Hugging Face cache ({_hub_cache()}) and the hub cannot "
+                       f"be reached; {_WAYS_OUT}")
+    if not Path(pretrained).is_file(): raise GLRError(f"{pretrained}: pretrained weights not found; {_WAYS_OUT}")
+    return Path(pretrained)
+
 # %% ../nbs/02_models.ipynb #57bd088f
+def _backbone(name, src, **kw):
+    "A timm backbone (no classifier, no pooling) with weights from `pretrained_source`'s answer `src`"
+    kw = dict(num_classes=0, global_pool='', **kw)
+    if src is None or isinstance(src, Path):
+        bb = timm.create_model(name, **kw)
+        if src is not None: load_backbone_weights(bb, src, name)
+        return bb
+    if src != 'download': return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=src), **kw)
+    try: return timm.create_model(name, pretrained=True, **kw)
+    except Exception as e:
+        raise GLRError(f"ImageNet weights {name}: download failed ({type(e).__name__}); {_WAYS_OUT}") from None
+
 def create_model(arch:str,            # seed or timm architecture name
                  num_classes:int,     # ArcFace classes (81313 for GLDv2 clean)
-                 pretrained=None,     # local file with ImageNet weights for the backbone, or None
+                 pretrained=None,     # 'imagenet' (timm hub/cache), a weights file, or None/'none' (random)
                  emb_dim=512,         # embedding size
                  p=3., learn_p=False, s=30., m=0.3, easy_margin=False,  # GeM / ArcFace settings
                  init=None,           # ArcFace init; None = from the arch name
-                 **timm_kw):          # passed to `timm.create_model` (e.g. drop_path_rate)
-    "Build a `GLRNet` from an architecture name; weights only from a local file"
+                 drop_path=None,      # stochastic depth; None = the reference's (0.2 on TF EfficientNets)
+                 bn_momentum=None,    # backbone BatchNorm momentum; None = the reference's (0.01 on TF EfficientNets)
+                 **timm_kw):          # passed to `timm.create_model`
+    "Build a `GLRNet` from an architecture name"
     name, init0 = resolve_arch(arch)
-    if pretrained not in (None, ''):
-        if not Path(pretrained).is_file(): raise GLRError(f"{pretrained}: pretrained weights not found; pass a local file")
-        timm_kw.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(pretrained)))
-    bb = timm.create_model(name, num_classes=0, global_pool='', **timm_kw)
+    reg = reference_regularisation(name)
+    dp = reg['drop_path'] if drop_path is None else drop_path
+    bm = reg['bn_momentum'] if bn_momentum is None else bn_momentum
+    bb = _backbone(name, pretrained_source(arch, pretrained), **({'drop_path_rate': dp} if dp else {}), **timm_kw)
+    if bm is not None: set_bn_momentum(bb, bm)
     net = GLRNet(bb, num_classes, emb_dim, p, learn_p, s, m, easy_margin, init or init0)
     net.cfg = dict(arch=arch, num_classes=num_classes, emb_dim=emb_dim, p=p, learn_p=learn_p, s=s, m=m,
-                   easy_margin=easy_margin, init=init or init0)
+                   easy_margin=easy_margin, init=init or init0, drop_path=dp, bn_momentum=bm)
     return net
 
 # %% ../nbs/02_models.ipynb #5dfe0b7d
@@ -127,9 +263,6 @@ def checkpoint_dict(model:GLRNet, **extra)->dict:
     c = model.cfg
     return dict(state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()}, arch=c['arch'],
                 num_classes=c['num_classes'], emb_dim=c['emb_dim'], model_cfg=dict(c), **extra)
-
-def _strip(sd):
-    return {re.sub(r'^(_orig_mod\.|module\.)+', '', k): v for k, v in sd.items()}
 
 def load_model(ckpt_path,      # a `{epoch}.pth` / `final.pth` checkpoint
                device='cpu'):  # where to put the model

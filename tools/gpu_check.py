@@ -93,7 +93,7 @@ def _cuda_tests(path):
 def check_train(dev, z, tmp, key):
     "Training steps of one seed architecture: reference recipe vs ours (bf16 + channels_last + compile), then reload"
     import torch
-    from glr_nb.train import bench_train
+    from glr_nb.learner import bench_train
     arch, ref_bs = z['arches'][key]
     if _gpu(dev): torch.backends.cudnn.benchmark = True
     comp = key in z['compile']
@@ -243,11 +243,8 @@ def check_ddp(dev, z, tmp):
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={n}', '-m', 'glr_nb.train',
            '--arch', arch, '--data_dir', str(data), '--result_dir', str(Path(tmp)/'ddp'), '--out_dir', 'ddp',
            '--epochs', '1', '--img_size', '64', '--eval_img_size', '64', '--batch_size', '4', '--save_every_epoch', '1',
-           '--num_workers', '0', '--sync_bn', '1', '--pretrained', 'none']
+           '--workers', '0', '--sync_bn', '--pretrained', 'none']
     r = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'})
-    if r.returncode and 'none: pretrained weights not found' in r.stderr:      # a glr_train without --pretrained none
-        cmd = cmd[:-2]
-        r = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'})
     out = Path(tmp)/'ddp'/'models'/'ddp'
     ok = r.returncode == 0 and (out/'final.pth').is_file()
     if not ok: print(r.stdout[-3000:], r.stderr[-4000:])
@@ -305,7 +302,7 @@ def prewarm(names, dev, tmp):
     keys = [n[6:] for n in names if n.startswith('train_') and n[6:] in z['compile'] and n[6:] in z['arches']]
     if not _gpu(dev): return []
     code = ("import sys, torch; sys.path.insert(0, {root!r}); torch.backends.cudnn.benchmark = True\n"
-            "from glr_nb.train import bench_train\n"
+            "from glr_nb.learner import bench_train\n"
             "bench_train(arch={arch!r}, img={img}, steps=1, warmup=1, batch={bs}, num_classes={nc}, "
             "compile=True, device='cuda', ref_batch={rb}, bf16=True, eager=False)")
     procs = []
