@@ -39,12 +39,12 @@ def test_metrics_and_report(demo):
 
 
 def test_training_is_from_random_weights(demo):
-    "The demo's training calls pass pretrained=None explicitly (no network in tests and CI)"
+    "The demo's training calls pass pretrained='none' explicitly (no network in tests and CI)"
     out, _ = demo
     for nb in (out/'report').glob('90_train_*.ipynb'):
         cells = json.loads(nb.read_text())['cells']
         injected = next(''.join(c['source']) for c in cells if 'injected-parameters' in c['metadata'].get('tags', []))
-        assert 'pretrained = None' in injected
+        assert "pretrained = 'none'" in injected
 
 
 def test_submission_format_and_score(demo):
