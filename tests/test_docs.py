@@ -125,9 +125,10 @@ def test_executed_page_shows_outputs(executed):
     assert plots >= 1, f"{EXEC_NB} executed but produced no plot"
     imgs = len(re.findall(r'<img\b[^>]*\bsrc="data:image/png;base64,', page))
     assert imgs >= plots, f"{EXEC_NB}: {plots} plots, {imgs} images on the page"
-    assert '<table' in page and 'class="dataframe"' in page, f"{EXEC_NB}: the DataFrame outputs are missing"
+    frames = sum('dataframe' in str(o.get('data', {}).get('text/html', '')) for o in outs)
+    assert page.count('class="dataframe"') >= frames, f"{EXEC_NB}: {frames} DataFrame outputs, fewer tables on the page"
     src = nbformat.read(ROOT/'nbs'/f'{EXEC_NB}.ipynb', as_version=4)
-    assert page.count('<math') >= len(_formulas(src)) > 0, f"{EXEC_NB}: formulas not rendered"
+    assert page.count('<math') >= len(_formulas(src)), f"{EXEC_NB}: formulas not rendered"
     assert not PROMPT.search(_text(page)), "prompts on the executed page"
 
 def test_flagged_cells_skipped_and_a_failing_cell_named(tmp_path):
