@@ -30,18 +30,22 @@ def run_notebook(nb,            # notebook to execute
                  log_output=False)->Path:
     "Execute `nb` with papermill into `out` (kernel python3); raise GLRError naming the failing notebook"
     import papermill as pm
-    out = Path(out); out.parent.mkdir(parents=True, exist_ok=True)
-    try: pm.execute_notebook(str(nb), str(out), parameters=params, kernel_name='python3', language='python', cwd=str(cwd or Path(nb).parent),
-                             progress_bar=progress, log_output=log_output)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try: pm.execute_notebook(str(nb), str(out), parameters=params, kernel_name='python3', language='python',
+                             cwd=str(cwd or Path(nb).parent), progress_bar=progress, log_output=log_output)
     except pm.PapermillExecutionError as e:
-        raise GLRError(f"{nb}: cell {e.exec_count} failed ({e.ename}: {e.evalue}); see the executed copy {out}") from None
+        msg = f"cell {e.exec_count} failed ({e.ename}: {e.evalue}); see the executed copy {out}"
+        raise GLRError(f"{nb}: {msg}") from None
     return out
 
 def to_html(nb)->Path:
     "Render an executed notebook to HTML beside it"
     from nbconvert import HTMLExporter
     body, _ = HTMLExporter().from_filename(str(nb))
-    p = Path(nb).with_suffix('.html'); p.write_text(body); return p
+    p = Path(nb).with_suffix('.html')
+    p.write_text(body)
+    return p
 
 # %% ../nbs/09_demo.ipynb #26f097ab
 DEMO = dict(arches=('test_resnet', 'test_efficientnet'), img_size=64, epochs=15, lr=0.05, batch_size=32,
@@ -59,9 +63,11 @@ def demo_data(data_dir,         # folder of the demo dataset
     from glr_nb.data import make_demo_dataset, make_splits
     data, log = Path(data_dir), log or get_logger('glr_demo')
     if not (data/'raw'/'train.csv').is_file():
-        log.info(f'building the demo dataset in {data}'); make_demo_dataset(data, seed=seed, **(demo_sizes or {}))
+        log.info(f'building the demo dataset in {data}')
+        make_demo_dataset(data, seed=seed, **(demo_sizes or {}))
     if not (data/'split'/'val'/'query.csv').is_file():
-        log.info('writing the splits'); make_splits(data, seed=seed, valid_num=valid_num, n_gallery=n_gallery)
+        log.info('writing the splits')
+        make_splits(data, seed=seed, valid_num=valid_num, n_gallery=n_gallery)
     return data
 
 # %% ../nbs/09_demo.ipynb #07945db6
@@ -83,9 +89,10 @@ def demo_models(data_dir,       # the demo dataset (`demo_data`)
         resume = 'latest' if (out/'run.json').is_file() else None     # a run killed midway continues where it stopped
         log.info(f"training {arch}" + (' (resuming the unfinished run)' if resume else ''))
         nb = run_notebook(find_notebook('90_train.ipynb'), rd/'report'/f'90_train_{arch}.ipynb',
-                          dict(arch=arch, data_dir=str(data_dir), result_dir=str(rd), out_dir=name, epochs=cfg['epochs'],
-                               img_size=cfg['img_size'], eval_img_size=cfg['img_size'], batch_size=cfg['batch_size'],
-                               save_every_epoch=1.0, pretrained='none', lr=cfg['lr'], seed=seed, resume=resume),
+                          dict(arch=arch, data_dir=str(data_dir), result_dir=str(rd), out_dir=name,
+                               epochs=cfg['epochs'], img_size=cfg['img_size'], eval_img_size=cfg['img_size'],
+                               batch_size=cfg['batch_size'], save_every_epoch=1.0, pretrained='none', lr=cfg['lr'],
+                               seed=seed, resume=resume),
                           progress=progress)
         if not run_complete(out): raise GLRError(f"{nb}: training did not finish the run in {out}")
     return ','.join(f'{m}={p}:{1 / len(cks)}' for m, p in cks.items())
@@ -99,8 +106,10 @@ def demo_inputs(s:SubmitSettings,     # settings to complete (its data_dir/resul
     "`s` with the demo dataset, a result folder (a new temporary one if unset) and the demo's trained checkpoints"
     cfg = {**DEMO, **kw}
     rd = Path(s.result_dir) if s.result_dir else Path(tempfile.mkdtemp(prefix='glr_nb_demo_'))
-    dd = demo_data(Path(s.data_dir) if s.data_dir else rd/'data', seed, demo_sizes, cfg['valid_num'], cfg['n_gallery'], log)
-    ck = demo_models(dd, rd, seed, progress, log, **{k: v for k, v in kw.items() if k not in ('valid_num', 'n_gallery')})
+    dd = demo_data(Path(s.data_dir) if s.data_dir else rd/'data', seed, demo_sizes, cfg['valid_num'], cfg['n_gallery'],
+                   log)
+    ck = demo_models(dd, rd, seed, progress, log, **{k: v for k, v in kw.items() if k not in ('valid_num',
+                                                                                              'n_gallery')})
     return s.replace(data_dir=str(dd), result_dir=str(rd), checkpoints=ck)
 
 # %% ../nbs/09_demo.ipynb #d8cdc629
@@ -111,7 +120,8 @@ def run_demo(out,                  # output folder: submission.csv, metrics.json
              html=True, progress=True,
              **kw)->dict:          # overrides of `DEMO` and of `SubmitSettings`
     "Run the whole pipeline on the demo dataset through `91_submit.ipynb`; returns the metrics dict"
-    out = Path(out).resolve(); out.mkdir(parents=True, exist_ok=True)
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
     log, t0 = get_logger('glr_demo', out/'demo.log'), time.time()
     sk = {k: v for k, v in kw.items() if k in SubmitSettings.names()}
     s = SubmitSettings.of({**DEMO_SUBMIT, **sk}, result_dir=str(out), out_dir=str(out),
@@ -124,8 +134,8 @@ def run_demo(out,                  # output folder: submission.csv, metrics.json
             try: to_html(nb)
             except Exception as e: log.warning(f'{nb}: no HTML ({e})')
     m = json.loads((out/'metrics.json').read_text())
-    log.info(f"done in {time.time()-t0:.0f}s: GAP " + ', '.join(f"{k[4:]} {m[k]:.4f}" for k in ('gap_global', 'gap_rerank', 'gap_stacked')
-             if m.get(k) is not None) + f"; {out/'submission.csv'}")
+    gaps = ', '.join(f"{k[4:]} {m[k]:.4f}" for k in ('gap_global', 'gap_rerank', 'gap_stacked') if m.get(k) is not None)
+    log.info(f"done in {time.time()-t0:.0f}s: GAP {gaps}; {out/'submission.csv'}")
     return m
 
 # %% ../nbs/09_demo.ipynb #39102307
@@ -134,7 +144,7 @@ def glr_demo(out:str=None,       # output folder (submission.csv, metrics.json, 
              data_dir:str=None,  # demo data folder (default OUT/data; built if missing)
              seed:int=0,         # seed of the data, splits and training
              epochs:int=None):   # training epochs per backbone (default DEMO['epochs'])
-    "End to end on the embedded demo dataset: data, splits, two small backbones, retrieval, re-rank, stacking, submission"
+    "End to end on the embedded demo dataset: data, splits, two backbones, retrieval, re-rank, stacking, submission"
     if not out: raise GLRError("pass --out DIR")
     m = run_demo(out, data_dir, seed, **({'epochs': epochs} if epochs else {}))
     print(json.dumps({k: m[k] for k in ('gap_global', 'gap_rerank', 'gap_stacked')}))

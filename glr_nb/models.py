@@ -149,7 +149,10 @@ def lukemelas_to_timm(sd:dict,       # a lukemelas EfficientNet-PyTorch state di
     out = {}
     for k, v in sd.items():
         m = re.fullmatch(r'_blocks\.(\d+)\.(\w+)\.(\w+)', k)
-        if m is None: top, rest = k.split('.', 1); out[f'{_LM_TOP[top]}.{rest}'] = v; continue
+        if m is None:
+            top, rest = k.split('.', 1)
+            out[f'{_LM_TOP[top]}.{rest}'] = v
+            continue
         names = {**_LM_BLOCK, **_LM_TAIL[f'_blocks.{m[1]}._expand_conv.weight' in sd]}
         out[f'{where[int(m[1])]}.{names[m[2]]}.{m[3]}'] = v
     return out
@@ -270,7 +273,8 @@ def load_model(ckpt_path,      # a `{epoch}.pth` / `final.pth` checkpoint
     ck = load_checkpoint(ckpt_path)
     miss = [k for k in ('state_dict', 'arch', 'num_classes') if k not in ck]
     if miss: raise GLRError(f"{ckpt_path}: not a glr_nb checkpoint (missing {', '.join(miss)}); train with glr_train")
-    cfg = dict(ck.get('model_cfg') or {}); cfg.update(arch=ck['arch'], num_classes=ck['num_classes'])
+    cfg = dict(ck.get('model_cfg') or {})
+    cfg.update(arch=ck['arch'], num_classes=ck['num_classes'])
     cfg.setdefault('emb_dim', ck.get('emb_dim', 512))
     net = create_model(**cfg)
     net.load_state_dict(_strip(ck['state_dict']))

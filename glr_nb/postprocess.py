@@ -27,15 +27,17 @@ def _label_sums(L, S, labels):
 def top_labels(cl:CandList,  # the merged, re-ranked list (the reference's `en`)
                top_k=3       # labels kept per query
               )->tuple:
-    "`(labels [n, top_k], sums [n, top_k])`: the labels with the largest summed score over the whole list (missing: -1, 0)"
+    "`(labels [n, top_k], sums [n, top_k])`: the labels with the largest summed score over the list (missing: -1, 0)"
     L, S = cl.label, np.asarray(cl.score, np.float32)
-    if L.shape[1] < top_k: raise GLRError(f"top_labels: lists of {L.shape[1]} entries for top_k={top_k}; use k >= top_k")
+    if L.shape[1] < top_k:
+        raise GLRError(f"top_labels: lists of {L.shape[1]} entries for top_k={top_k}; use k >= top_k")
     tot = _label_sums(L, S, L)
     first = np.ones(L.shape, bool)
     for j in range(1, L.shape[1]): first[:, j] = (L[:, :j] != L[:, j:j+1]).all(1)
     o = np.argsort(np.where(first, -tot, np.inf), 1, kind='stable')[:, :top_k]
     ok = np.take_along_axis(first, o, 1)
-    return np.where(ok, np.take_along_axis(L, o, 1), -1), np.where(ok, np.take_along_axis(tot, o, 1), 0.).astype(np.float64)
+    labels = np.where(ok, np.take_along_axis(L, o, 1), -1)
+    return labels, np.where(ok, np.take_along_axis(tot, o, 1), 0.).astype(np.float64)
 
 # %% ../nbs/06_postprocess.ipynb #be55b86e
 def stack_targets(labels:np.ndarray,  # [n, top_k] top labels (`top_labels`)
@@ -106,11 +108,13 @@ def feature_names(feats:pd.DataFrame)->list:
 # %% ../nbs/06_postprocess.ipynb #dc21f649
 def _synthetic_list(rng, is_nl, true, ph, base, n_labels, k):
     n = len(true)
-    lab = np.where(is_nl[:, None] & (rng.random((n, k)) < .3), rng.integers(0, 4, (n, k)), rng.integers(0, n_labels, (n, k)))
+    lab = np.where(is_nl[:, None] & (rng.random((n, k)) < .3), rng.integers(0, 4, (n, k)),
+                   rng.integers(0, n_labels, (n, k)))
     hit = ~is_nl[:, None] & (rng.random((n, k)) < ph)
     lab = np.where(hit, true[:, None], lab)
     score = np.clip(base + .05 * hit + rng.normal(0, .08, (n, k)), -1, 1).astype(np.float32)
-    o = np.argsort(-score, 1, kind='stable'); take = lambda a: np.take_along_axis(a, o, 1)
+    o = np.argsort(-score, 1, kind='stable')
+    take = lambda a: np.take_along_axis(a, o, 1)
     return CandList(take(lab * 20 + rng.integers(0, 20, (n, k))), take(lab), take(score))
 
 def _with_inliers(cl, rng, true, max_inliers, add_global):
@@ -136,7 +140,8 @@ def make_synthetic_stack(n_queries:int=600, # queries
     ph, base = rng.uniform(0, 2 * p_hit, (n_queries, 1)), rng.uniform(.3, .8, (n_queries, 1))
     lists = {f'm{i}': _synthetic_list(rng, is_nl, true, ph, base, n_labels, k) for i in range(n_models + 1)}
     qn = rng.normal(0, .1, (n_queries, 1))
-    nl = lambda: np.sort(.2 + nl_gap * is_nl[:, None] + qn + rng.normal(0, .03, (n_queries, k)), 1)[:, ::-1].astype(np.float32)
+    nl_score = lambda: .2 + nl_gap * is_nl[:, None] + qn + rng.normal(0, .03, (n_queries, k))
+    nl = lambda: np.sort(nl_score(), 1)[:, ::-1].astype(np.float32)
     nl_lists = {m: CandList(np.zeros((n_queries, k), np.int64), np.full((n_queries, k), -1), nl()) for m in lists}
     t = np.where(is_nl, -1, true)
     merged = merge_lists([lists[f'm{i}'] for i in range(1, n_models + 1)], [1 / n_models] * n_models, k)
@@ -151,7 +156,8 @@ def lgb_params(num_class:int=5, # top_k + 2
     "The reference's `get_lgb_params`, with `overrides`"
     p = dict(boosting_type='gbdt', objective='multiclass', metric='multi_logloss', learning_rate=0.1, num_leaves=7,
              max_depth=3, min_child_samples=100, max_bin=255, subsample=0.8, subsample_freq=1, colsample_bytree=0.8,
-             min_child_weight=0, num_boost_round=300, early_stopping_rounds=50, num_threads=8, num_class=num_class, verbose=-1)
+             min_child_weight=0, num_boost_round=300, early_stopping_rounds=50, num_threads=8, num_class=num_class,
+             verbose=-1)
     bad = sorted(set(overrides) - set(p))
     if bad: raise GLRError(f"lgb_params: unknown parameter(s) {bad}; known: {', '.join(p)}")
     return {**p, **overrides}
@@ -245,7 +251,8 @@ class Stacker:
         "`(label, score)` per query (`stack_predict`)"
         return stack_predict(self.predict_proba(feats), labels)
 
-    def __repr__(self): return f"Stacker({len(self.boosters)} models x {len(self.boosters[0])} folds, top_k={self.top_k})"
+    def __repr__(self):
+        return f"Stacker({len(self.boosters)} models x {len(self.boosters[0])} folds, top_k={self.top_k})"
 
 # %% ../nbs/06_postprocess.ipynb #235b261c
 def train_stacker(feats:pd.DataFrame,  # `stack_features` of the validation queries
@@ -261,11 +268,13 @@ def train_stacker(feats:pd.DataFrame,  # `stack_features` of the validation quer
     top_k, truth = labels.shape[1], list(truth)
     if len(feats) < 2 * n_folds: raise GLRError(f"train_stacker: {len(feats)} queries are too few for {n_folds} folds; "
                                                 "use a larger validation set")
-    if not 1 <= n_best <= n_models: raise GLRError(f"train_stacker: n_best={n_best} must be between 1 and n_models={n_models}")
+    if not 1 <= n_best <= n_models:
+        raise GLRError(f"train_stacker: n_best={n_best} must be between 1 and n_models={n_models}")
     y, p, true = stack_targets(labels, truth), lgb_params(top_k + 2, **(params or {})), _first_true(truth)
     plans = model_plans(feature_names(feats), n_models, seed)
     runs = [_oof(feats[cols].to_numpy(np.float64), y, cols, rs, n_folds, p) for cols, rs in plans]
-    gaps = np.array([gap_vector(lab.astype(float), sc, true) for lab, sc in (stack_predict(o, labels) for _, o in runs)])
+    preds = (stack_predict(o, labels) for _, o in runs)
+    gaps = np.array([gap_vector(lab.astype(float), sc, true) for lab, sc in preds])
     keep = np.argsort(gaps)[::-1][:n_best]
     st = Stacker([runs[i][0] for i in keep], [plans[i] for i in keep], top_k,
                  dict(model_gaps=gaps.tolist(), kept=keep.tolist(), n_folds=n_folds, n_train=len(feats),
@@ -279,7 +288,8 @@ def save_stacker(st:Stacker, # trained stacker
                  key=None    # anything JSON that identifies the training inputs (checked by `load_stacker`)
                 )->Path:
     "Write `st` to folder `path`: LightGBM text models + `stacker.json`; return the path"
-    path = Path(path); path.mkdir(parents=True, exist_ok=True)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
     files = [[f'model_{m}_{f}.txt' for f in range(len(bs))] for m, bs in enumerate(st.boosters)]
     for bs, fs in zip(st.boosters, files):
         for b, f in zip(bs, fs):
@@ -294,10 +304,12 @@ def load_stacker(path,       # folder written by `save_stacker`
                  key=None    # if given, the stacker must have been saved with this key (else None is returned)
                 ):
     "Load a stacker saved by `save_stacker` (None when `key` is given and differs)"
-    path = Path(path); meta = path/'stacker.json'
+    path = Path(path)
+    meta = path/'stacker.json'
     if not meta.is_file(): raise GLRError(f"{meta}: not found; pass the folder written by save_stacker")
     try: m = json.loads(meta.read_text())
-    except json.JSONDecodeError as e: raise GLRError(f"{meta}: line {e.lineno}: not valid JSON ({e.msg}); re-save the stacker") from None
+    except json.JSONDecodeError as e:
+        raise GLRError(f"{meta}: line {e.lineno}: not valid JSON ({e.msg}); re-save the stacker") from None
     if m.get('format') != 'glr_nb.stacker/2':
         raise GLRError(f"{meta}: format {m.get('format')!r} is not glr_nb.stacker/2; retrain the stacker")
     if key is not None and m.get('key') != key: return None
@@ -318,7 +330,9 @@ def plot_stage_gaps(d:dict,          # stage name -> GAP, in display order
     names, vals = list(d), [float(v) for v in d.values()]
     bars = ax.bar(names, vals, color=plt.cm.tab10.colors[:len(d)])
     ax.bar_label(bars, fmt='%.4f')
-    ax.set_ylim(0, max(1., max(vals, default=0) * 1.15)); ax.set_ylabel('GAP'); ax.set_title(title)
+    ax.set_ylim(0, max(1., max(vals, default=0) * 1.15))
+    ax.set_ylabel('GAP')
+    ax.set_title(title)
     return ax
 
 # %% ../nbs/06_postprocess.ipynb #f13c4daf
@@ -331,12 +345,16 @@ def bench_postprocess(n_queries:int=20000, # synthetic queries
     syn = make_synthetic_stack(n_queries, n_labels=max(60, n_queries // 10), k=k, seed=seed)
     out = []
     def _t(what, f):
-        t = time.perf_counter(); r = f(); dt = time.perf_counter() - t
+        t = time.perf_counter()
+        r = f()
+        dt = time.perf_counter() - t
         out.append(dict(bench='postprocess', what=what, n_queries=n_queries, k=k, seconds=round(dt, 4),
                         us_per_query=round(1e6 * dt / n_queries, 2)))
-        print(json.dumps(out[-1])); return r
+        print(json.dumps(out[-1]))
+        return r
     _t('predict_vote', lambda: vote(syn['merged']))
-    feats, labs = _t('stack_features', lambda: stack_features(syn['merged'], syn['lists'], syn['nl_lists'], syn['ransac']))
+    feats, labs = _t('stack_features',
+                     lambda: stack_features(syn['merged'], syn['lists'], syn['nl_lists'], syn['ransac']))
     st = _t('train_stacker_1seed', lambda: train_stacker(feats, labs, syn['truth'], n_folds, 1, 1,
                                                          params=dict(min_child_samples=20, num_boost_round=rounds)))
     _t('stacker_predict', lambda: st.predict(feats, labs))

@@ -25,7 +25,8 @@ DDP_SCRIPT = textwrap.dedent('''
 
 def test_ddp_two_ranks_match_one_process(tmp_path):
     "torchrun 2 x batch 4 (gloo) == 1 process x batch 8: identical rank weights, same losses and weights"
-    script = tmp_path/'ddp_run.py'; script.write_text(DDP_SCRIPT)
+    script = tmp_path/'ddp_run.py'
+    script.write_text(DDP_SCRIPT)
     r = subprocess.run([PY, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(script),
                         str(tmp_path), '4'], env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -50,7 +51,8 @@ def test_ddp_two_ranks_match_one_process(tmp_path):
 def demo(tmp_path_factory):
     from glr_nb.data import make_demo_dataset, make_splits
     d = tmp_path_factory.mktemp('demo')/'data'
-    make_demo_dataset(d); make_splits(d)
+    make_demo_dataset(d)
+    make_splits(d)
     return d
 
 ARGS = ['--arch', 'test_resnet', '--pretrained', 'none', '--epochs', '2', '--img_size', '32', '--eval_img_size', '32',
@@ -62,7 +64,8 @@ def _argv(demo, res, out, *extra):
 
 @pytest.fixture
 def one_thread():
-    n = torch.get_num_threads(); torch.set_num_threads(1)   # same kernels as the OMP_NUM_THREADS=1 subprocess
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # same kernels as the OMP_NUM_THREADS=1 subprocess
     yield
     torch.set_num_threads(n)
 
@@ -77,7 +80,8 @@ def test_kill_and_resume(demo, tmp_path, one_thread):
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     t0 = time.time()
     while not list(out.glob('[0-9]*.pth')) and p.poll() is None and time.time() - t0 < 300: time.sleep(0.05)
-    p.send_signal(signal.SIGKILL); p.wait()
+    p.send_signal(signal.SIGKILL)
+    p.wait()
     assert list(out.glob('[0-9]*.pth')) and not (out/'2.00.pth').exists(), "the run was not interrupted"
     assert not run_complete(out)
     glr_train(_argv(demo, tmp_path, 'cut', '--resume', 'latest'))
@@ -141,7 +145,9 @@ def test_cli_errors(demo, tmp_path, capsys):
                   '--gpu_id', '0', '--batch_size', '4', '--distributed', '1', '--preprocessing', '1',
                   '--model_file', str(tmp_path/'none.pth'), '--data_dir', str(demo), '--result_dir', str(tmp_path)]
     def _exit(argv):
-        try: glr_train(argv); code = 0
+        try:
+            glr_train(argv)
+            code = 0
         except SystemExit as e: code = e.code
         return code, capsys.readouterr().err
     code, err = _exit(seed_flags)

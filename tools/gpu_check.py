@@ -25,19 +25,23 @@ ROOT = Path(__file__).resolve().parents[1]
 NEEDED = {'fastai': 'fastai', 'fastcore': 'fastcore', 'timm': 'timm', 'cv2': 'opencv-python-headless',
           'papermill': 'papermill', 'nbdev': 'nbdev==2.4.14', 'execnb': 'execnb', 'ipykernel': 'ipykernel'}
 OPTIONAL = {'faiss': 'faiss-cpu (or faiss-gpu)', 'pydegensac': 'pydegensac==0.3.0'}
-SEED_ARCHES = {'b7': ('class_efficientnet_b7_gem_fc_arcface2_1head', 4), 'b6': ('class_efficientnet_b6_gem_fc_arcface2_1head', 6),
-               'b5': ('class_efficientnet_b5_gem_fc_arcface_1head', 8), 'r152': ('class_resnet152_gem_fc_arcface_1head', 10)}
+SEED_ARCHES = {'b7': ('class_efficientnet_b7_gem_fc_arcface2_1head', 4),
+               'b6': ('class_efficientnet_b6_gem_fc_arcface2_1head', 6),
+               'b5': ('class_efficientnet_b5_gem_fc_arcface_1head', 8),
+               'r152': ('class_resnet152_gem_fc_arcface_1head', 10)}
+AGREE_SKIP = ('recipe', 'bench', 'device', 'size', 'max_keypoints', 'pairs', 'unique_images')
 TINY_ARCHES = {'r152': ('test_resnet', 4)}   # the CPU stand-in: same code paths, few kernels to compile
 
 
 def sizes(gpu:bool)->dict:
     "Problem sizes of the two modes"
-    if gpu: return dict(arches=SEED_ARCHES, compile=('b7',), img=448, classes=81313, batch=32, steps=5, warmup=2, ext_arch='b7', ext_img=800,
-                        ext_n=128, knn_db=1_580_470, knn_q=20_000, knn_big=(3_200_000, 120_000), knn_check=256,
+    if gpu: return dict(arches=SEED_ARCHES, compile=('b7',), img=448, classes=81313, batch=32, steps=5, warmup=2,
+                        ext_arch='b7', ext_img=800, ext_n=128, knn_db=1_580_470, knn_q=20_000,
+                        knn_big=(3_200_000, 120_000), knn_check=256,
                         rr_queries=16, rr_nb=4, rr_size=800, rr_kp=1024, world=None, pm_gpus=None)
-    return dict(arches=TINY_ARCHES, compile=('r152',), img=64, classes=1000, batch=8, steps=2, warmup=1, ext_arch='r152', ext_img=64, ext_n=8,
-                knn_db=20_000, knn_q=500, knn_big=None, knn_check=64, rr_queries=2, rr_nb=2, rr_size=96, rr_kp=64,
-                world=2, pm_gpus=2)
+    return dict(arches=TINY_ARCHES, compile=('r152',), img=64, classes=1000, batch=8, steps=2, warmup=1,
+                ext_arch='r152', ext_img=64, ext_n=8, knn_db=20_000, knn_q=500, knn_big=None, knn_check=64,
+                rr_queries=2, rr_nb=2, rr_size=96, rr_kp=64, world=2, pm_gpus=2)
 
 
 def emit(rec:dict):
@@ -60,8 +64,9 @@ def check_env(dev, z, tmp):
     ok = not miss and (not _gpu(dev) or torch.cuda.is_available())
     hint = f"pip install {' '.join(miss.values())}" if miss else ''
     return dict(ok=ok, torch=torch.__version__, cuda=torch.version.cuda, gpus=torch.cuda.device_count(),
-                bf16=bool(_gpu(dev) and torch.cuda.is_bf16_supported()), missing=sorted(miss), optional_missing=sorted(opt),
-                install=hint or None, optional_install=f"pip install {' '.join(opt.values())}" if opt else None,
+                bf16=bool(_gpu(dev) and torch.cuda.is_bf16_supported()), missing=sorted(miss),
+                optional_missing=sorted(opt), install=hint or None,
+                optional_install=f"pip install {' '.join(opt.values())}" if opt else None,
                 error=None if ok else (f"missing {sorted(miss)}: {hint}" if miss else 'no CUDA device visible'))
 
 def check_cuda_tests(dev, z, tmp):
@@ -77,7 +82,8 @@ def check_cuda_tests(dev, z, tmp):
         ok &= r.returncode == 0
         if r.returncode: print(r.stdout[-3000:], r.stderr[-3000:])
     if tests:
-        r = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-x', *tests], cwd=ROOT, capture_output=True, text=True)
+        r = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-x', *tests], cwd=ROOT, capture_output=True,
+                           text=True)
         out['pytest'] = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else r.stderr[-300:]
         ok &= r.returncode == 0
         if r.returncode: print(r.stdout[-3000:], r.stderr[-2000:])
@@ -103,8 +109,8 @@ def check_train(dev, z, tmp, key):
     ref, ours = by['reference'], by['ours+compile' if comp else 'ours']
     reload = _reload(arch, z, dev, tmp)
     return dict(ok=reload['max_abs_diff'] < 1e-3 and ours['img_per_s'] > 0, arch=arch, img=z['img'],
-                img_per_s=ours['img_per_s'], batch=ours['batch'], ref_img_per_s=ref['img_per_s'], ref_batch=ref['batch'],
-                ratio=round(ours['img_per_s'] / ref['img_per_s'], 2), compile=comp,
+                img_per_s=ours['img_per_s'], batch=ours['batch'], ref_img_per_s=ref['img_per_s'],
+                ref_batch=ref['batch'], ratio=round(ours['img_per_s'] / ref['img_per_s'], 2), compile=comp,
                 peak_mem_mb=ours['peak_mem_mb'], compile_and_steps_s=ours['total_s'], **reload)
 
 def _reload(arch, z, dev, tmp):
@@ -174,7 +180,8 @@ def check_knn(dev, z, tmp):
     recall = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(i[sub], exact_i)]))
     rec = dict(ok=recall >= 0.99, backend=backend, n_db=len(db_h), n_query=len(q_h), dim=512, k=10,
                search_s=round(t_host, 3), resident_search_s=None if t_res is None else round(t_res, 3),
-               target_s=1.0 if _gpu(dev) else None, same_ids=round(same, 4), recall_at_10=round(recall, 4), exact_by=how)
+               target_s=1.0 if _gpu(dev) else None, same_ids=round(same, 4), recall_at_10=round(recall, 4),
+               exact_by=how)
     del db, q, db_h, q_h
     if z['knn_big'] and backend == 'torch':
         n, nq = z['knn_big']
@@ -183,7 +190,8 @@ def check_knn(dev, z, tmp):
         t = time.perf_counter()
         knn(q, db, 10, 'torch', device=dev)
         _sync(dev)
-        rec.update(big_n_db=n, big_n_query=nq, big_resident_search_s=round(time.perf_counter() - t, 3), big_target_s=10.0)
+        rec.update(big_n_db=n, big_n_query=nq, big_resident_search_s=round(time.perf_counter() - t, 3),
+                   big_target_s=10.0)
     return rec
 
 def _has_faiss_gpu():
@@ -204,8 +212,10 @@ def _exact(q, db, k):
         qf, best_s, best_i = q.astype(np.float32), None, None
         for s in range(0, len(db), 1 << 17):
             sc = qf @ db[s:s + (1 << 17)].astype(np.float32).T
-            ix = np.argpartition(-sc, k - 1, axis=1)[:, :k] if sc.shape[1] > k else np.tile(np.arange(sc.shape[1]), (len(q), 1))
-            cs = np.concatenate([best_s, np.take_along_axis(sc, ix, 1)], 1) if best_s is not None else np.take_along_axis(sc, ix, 1)
+            ix = np.argpartition(-sc, k - 1, axis=1)[:, :k] if sc.shape[1] > k else np.tile(np.arange(sc.shape[1]),
+                                                                                            (len(q), 1))
+            top = np.take_along_axis(sc, ix, 1)
+            cs = top if best_s is None else np.concatenate([best_s, top], 1)
             ci = np.concatenate([best_i, ix + s], 1) if best_i is not None else ix + s
             o = np.argsort(-cs, 1, kind='stable')[:, :k]
             best_s, best_i = np.take_along_axis(cs, o, 1), np.take_along_axis(ci, o, 1)
@@ -220,17 +230,19 @@ def check_rerank(dev, z, tmp):
     ref, ours = by['reference'], by['ours']
     agree = by.get('fp16_vs_fp32', {})
     ok = ours['pairs_per_s'] > 0 and (not _gpu(dev) or (agree.get('match_agreement') or 0) > 0.9)
-    return dict(ok=ok, pairs=ours['pairs'], size=z['rr_size'], max_keypoints=z['rr_kp'], pairs_per_s=ours['pairs_per_s'],
-                ref_pairs_per_s=ref['pairs_per_s'], ratio=round(ours['pairs_per_s'] / ref['pairs_per_s'], 2),
+    return dict(ok=ok, pairs=ours['pairs'], size=z['rr_size'], max_keypoints=z['rr_kp'],
+                pairs_per_s=ours['pairs_per_s'], ref_pairs_per_s=ref['pairs_per_s'],
+                ratio=round(ours['pairs_per_s'] / ref['pairs_per_s'], 2),
                 estimator=ref.get('estimator'), fp16=ours.get('fp16'),
-                **{k: v for k, v in agree.items() if k not in ('recipe', 'bench', 'device', 'size', 'max_keypoints', 'pairs', 'unique_images')})
+                **{k: v for k, v in agree.items() if k not in AGREE_SKIP})
 
 def _demo_data(tmp):
     "A small demo dataset with its splits (built once per run)"
     d = Path(tmp)/'demo'
     if not (d/'split'/'v2c'/'random_valid_cv0.csv').is_file():
         from glr_nb.data import make_demo_dataset, make_splits
-        make_demo_dataset(d, seed=0, n_landmarks=8, n_big=0, small_images=(4, 8), n_other=2, n_test=8, n_2019=0, n_index=0)
+        make_demo_dataset(d, seed=0, n_landmarks=8, n_big=0, small_images=(4, 8), n_other=2, n_test=8, n_2019=0,
+                          n_index=0)
         make_splits(d, seed=0, n_valid=8, min_images=4)
     return d
 
@@ -262,9 +274,10 @@ def check_papermill(dev, z, tmp):
     import torch
     gpus = max(1, torch.cuda.device_count()) if _gpu(dev) else z['pm_gpus']
     out = Path(tmp)/'90_train_out.ipynb'
-    params = ['-p', 'gpus', str(gpus), '-p', 'work_dir', str(Path(tmp)/'pm'), '-p', 'epochs', '1', '-p', 'img_size', '48',
-              '-p', 'eval_img_size', '48', '-p', 'batch_size', '8']
-    cmd = [sys.executable, '-m', 'papermill', str(ROOT/'nbs'/'90_train.ipynb'), str(out), '-k', 'python3', '--cwd', str(ROOT/'nbs'), *params]
+    params = ['-p', 'gpus', str(gpus), '-p', 'work_dir', str(Path(tmp)/'pm'), '-p', 'epochs', '1', '-p', 'img_size',
+              '48', '-p', 'eval_img_size', '48', '-p', 'batch_size', '8']
+    cmd = [sys.executable, '-m', 'papermill', str(ROOT/'nbs'/'90_train.ipynb'), str(out), '-k', 'python3', '--cwd',
+           str(ROOT/'nbs'), *params]
     r = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True)
     images = 0
     if out.is_file():
@@ -309,8 +322,9 @@ def prewarm(names, dev, tmp):
     for k in keys:
         a, rb = z['arches'][k]
         log = open(Path(tmp)/f'prewarm_{k}.log', 'w')
-        procs.append(subprocess.Popen([sys.executable, '-c', code.format(root=str(ROOT), arch=a, img=z['img'], bs=z['batch'],
-                                       nc=z['classes'], rb=rb)], cwd=tmp, stdout=log, stderr=log, start_new_session=True))
+        src = code.format(root=str(ROOT), arch=a, img=z['img'], bs=z['batch'], nc=z['classes'], rb=rb)
+        procs.append(subprocess.Popen([sys.executable, '-c', src], cwd=tmp, stdout=log, stderr=log,
+                                      start_new_session=True))
     return procs
 
 def _wait(procs, limit):
@@ -326,18 +340,21 @@ def run_check(name, dev, out, tmp, limit):
     "Run one check in a fresh process with a time limit; append its record to `out` and return it"
     cmd = [sys.executable, __file__, '--one', name, '--device', dev, '--tmp', tmp]
     t = time.perf_counter()
-    p = subprocess.Popen(cmd, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    p = subprocess.Popen(cmd, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
     try: so, se = p.communicate(timeout=limit)
     except subprocess.TimeoutExpired:
         os.killpg(p.pid, signal.SIGKILL)
         so, se = p.communicate()
         se += f"\ntimed out after {limit:.0f}s"
     rec = next((json.loads(l[10:]) for l in reversed(so.splitlines()) if l.startswith('GPU_CHECK ')), None)
-    if rec is None: rec = dict(check=name, ok=False, device=dev, seconds=round(time.perf_counter() - t, 2), error=_last_error(se))
+    if rec is None:
+        rec = dict(check=name, ok=False, device=dev, seconds=round(time.perf_counter() - t, 2), error=_last_error(se))
     if not rec['ok']: sys.stderr.write(so[-3000:] + se[-3000:])
     with open(Path(out).with_suffix('.log'), 'a') as f: f.write(f"===== {name}\n{so}\n{se}\n")   # whole outputs
     with open(out, 'a') as f: f.write(json.dumps(rec) + '\n')
-    fig = {k: rec[k] for k in ('ratio', 'img_per_s', 'pairs_per_s', 'search_s', 'seconds', 'error', 'skipped') if rec.get(k) is not None}
+    keys = ('ratio', 'img_per_s', 'pairs_per_s', 'search_s', 'seconds', 'error', 'skipped')
+    fig = {k: rec[k] for k in keys if rec.get(k) is not None}
     print(f"{'ok  ' if rec['ok'] else 'FAIL'} {name:12s} {json.dumps(fig)}", flush=True)
     return rec
 
@@ -370,7 +387,8 @@ def main(argv=None):
     p.add_argument('--device', default=None, help='cuda or cpu (default: cuda when visible)')
     p.add_argument('--out', default='gpu_check.jsonl', help='JSON-lines file to write (replaced)')
     p.add_argument('--only', default=None, help='comma-separated check names (see --list)')
-    p.add_argument('--budget', type=float, default=480, help='seconds for the whole run; checks past it are reported as not run')
+    p.add_argument('--budget', type=float, default=480,
+                   help='seconds for the whole run; checks past it are reported as not run')
     p.add_argument('--list', action='store_true', help='list the checks and exit')
     p.add_argument('--one', default=None, help=argparse.SUPPRESS)
     p.add_argument('--tmp', default=None, help=argparse.SUPPRESS)
@@ -390,7 +408,8 @@ def main(argv=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text('')
     out.with_suffix('.log').write_text('')
-    env = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(ROOT)] + [x for x in os.environ.get('PYTHONPATH', '').split(os.pathsep) if x])}
+    paths = [x for x in os.environ.get('PYTHONPATH', '').split(os.pathsep) if x]
+    env = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(ROOT)] + paths)}
     os.environ.update(env)
     with tempfile.TemporaryDirectory(prefix='gpu_check_') as tmp:
         for var, sub in (('TORCHINDUCTOR_CACHE_DIR', 'inductor'), ('TRITON_CACHE_DIR', 'triton')):
