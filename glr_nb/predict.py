@@ -16,7 +16,7 @@ from .core import GLRError, script, get_logger, save_json, save_csv, save_checkp
 # %% auto #0
 __all__ = ['INDEX_FORMAT', 'PHOTO_EXTS', 'image_table', 'read_manifest', 'Rows', 'LandmarkIndex', 'IndexSettings', 'build_index',
            'glr_index', 'find_photos', 'read_photo', 'PredictSettings', 'final_stage', 'Predictions', 'predict',
-           'photo_table', 'write_html', 'glr_predict', 'demo_photos']
+           'photo_table', 'write_html', 'glr_predict', 'demo_photos', 'bench_search']
 
 # %% ../nbs/11_predict.ipynb #620d7177
 def image_table(data_dir,    # DATA_DIR with images/ and split/
@@ -656,3 +656,37 @@ def demo_photos(data_dir,      # a demo dataset (`glr_nb.demo.demo_data`)
         Image.fromarray(render_view(bases[c][1], np.random.default_rng([seed, 9, i]), (240, 320))).save(rows[-1][0])
     rows += [(f, 'unrelated', -1) for f in _unrelated(meta, out, seed)]
     return pd.DataFrame(rows, columns=['path', 'kind', 'truth'])
+
+# %% ../nbs/11_predict.ipynb #332a784b
+def _synthetic_table(f, n:int, dim:int, seed)->np.ndarray:
+    "A read-only memory map of `n` random unit vectors (float16) at `f`, written in blocks unless already there"
+    if not (Path(f).is_file() and np.load(f, mmap_mode='r').shape == (n, dim)):
+        t = np.lib.format.open_memmap(Path(f), mode='w+', dtype=np.float16, shape=(n, dim))
+        for a in range(0, n, 1 << 16):
+            x = np.random.default_rng([seed, a]).standard_normal((min(n - a, 1 << 16), dim), np.float32)
+            t[a:a + len(x)] = x / np.linalg.norm(x, axis=1, keepdims=True)
+        t.flush()
+        del t
+    return np.load(f, mmap_mode='r')
+
+# %% ../nbs/11_predict.ipynb #0d2ea6af
+def bench_search(folder,             # scratch folder for the tables (n x dim x 2 bytes: 1.6 GB at full size)
+                 n=1_580_000,        # index images (GLDv2's train set)
+                 dim=512,            # embedding width of the one model
+                 n_gallery=10_000,   # non-landmark gallery images
+                 reps=5,             # photos timed after a first one (which reads the tables into the page cache)
+                 k=10, seed=0)->dict:
+    "Seconds one photo's lists and vote take against a memory-mapped float16 index of `n` x `dim` on this CPU"
+    from types import SimpleNamespace
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    db = _synthetic_table(Path(folder)/f'index_{n}x{dim}.npy', n, dim, seed)
+    gal = _synthetic_table(Path(folder)/f'gallery_{n_gallery}x{dim}.npy', n_gallery, dim, seed + 1)
+    ix = SimpleNamespace(tables={'m1': db}, ens=db, gallery={'m1': gal}, weights={'m1': 1.0},
+                         labels=np.random.default_rng(seed).integers(0, max(n // 20, 1), n))
+    q, sec = _synthetic_table(Path(folder)/f'photos_{reps + 1}x{dim}.npy', reps + 1, dim, seed + 2), []
+    for i in range(reps + 1):
+        t = time.perf_counter()
+        final_stage(LandmarkIndex.lists(ix, {'m1': np.array(q[i:i + 1])}, k), PredictSettings(rerank=False))
+        sec.append(time.perf_counter() - t)
+    return dict(n=n, dim=dim, first_s=round(sec[0], 3), median_s=round(float(np.median(sec[1:])), 3),
+                best_s=round(min(sec[1:]), 3))
