@@ -11,7 +11,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from fastcore.basics import patch
 from fastcore.script import Param
 from . import core
-from .core import GLRError, script, get_logger, save_json, save_csv, save_checkpoint, load_checkpoint, file_digest
+from .core import GLRError, script, get_logger, save_json, save_csv, save_checkpoint, load_checkpoint
+from .core import file_digest
 
 # %% auto #0
 __all__ = ['INDEX_FORMAT', 'PHOTO_EXTS', 'image_table', 'read_manifest', 'Rows', 'LandmarkIndex', 'IndexSettings', 'build_index',
@@ -30,9 +31,11 @@ def image_table(data_dir,    # DATA_DIR with images/ and split/
     lm = pd.to_numeric(df[col], errors='coerce')
     if lm.isna().any():
         i = int(np.flatnonzero(lm.isna().to_numpy())[0])
-        raise GLRError(f"{images}: line {i + 2}: landmark {df[col].iloc[i]!r} is not one integer; one landmark per image")
+        raise GLRError(f"{images}: line {i + 2}: landmark {df[col].iloc[i]!r} is not one integer; "
+                       "one landmark per image")
     keep = (lm >= 0).to_numpy()
-    return pd.DataFrame(dict(id=df['id'][keep], path=df['path'][keep], landmark=lm[keep].astype(np.int64))).reset_index(drop=True)
+    out = pd.DataFrame(dict(id=df['id'][keep], path=df['path'][keep], landmark=lm[keep].astype(np.int64)))
+    return out.reset_index(drop=True)
 
 # %% ../nbs/11_predict.ipynb #d6a96ad3
 INDEX_FORMAT = 'glr_nb.index/1'
@@ -67,7 +70,8 @@ def _copy_model(src,          # a checkpoint written by glr_train
     if 'arch' not in ck: raise GLRError(f"{src}: not a glr_nb checkpoint (no arch); pass one written by glr_train")
     save_checkpoint({k: v for k, v in ck.items() if k not in _TRAINING_STATE}, dst)
     size = int(img_size or ck.get('eval_img_size') or ck.get('img_size') or 800)
-    return dict(file=f'models/{Path(dst).name}', digest=file_digest(dst), source=str(src), source_digest=file_digest(src),
+    return dict(file=f'models/{Path(dst).name}', digest=file_digest(dst), source=str(src),
+                source_digest=file_digest(src),
                 arch=str(ck['arch']), epoch=float(ck.get('epoch', -1)), img_size=size, weight=float(weight))
 
 # %% ../nbs/11_predict.ipynb #18f9c91a
@@ -103,7 +107,8 @@ def _labels(landmarks:pd.Series, known:pd.Series)->tuple:
     "`(labels, new)`: a label per landmark id (`known`: landmark id -> label), and the table of labels added"
     new = pd.unique(landmarks[~landmarks.isin(known.index)])
     lab = pd.concat([known, pd.Series(np.arange(len(new)) + len(known), index=new)])
-    return lab.reindex(landmarks).to_numpy(np.int64), pd.DataFrame(dict(label=lab.iloc[len(known):].to_numpy(), landmark_id=new))
+    added = pd.DataFrame(dict(label=lab.iloc[len(known):].to_numpy(), landmark_id=new))
+    return lab.reindex(landmarks).to_numpy(np.int64), added
 
 # %% ../nbs/11_predict.ipynb #9edd62a3
 class Rows:
@@ -119,7 +124,8 @@ class Rows:
         if not isinstance(rows, slice) or rows.step not in (None, 1): raise TypeError('Rows: index with a slice a:b')
         a, b, _ = rows.indices(len(self))
         starts = self.ends - [len(t) for t in self.tables]
-        return np.concatenate([t[min(max(a - s, 0), len(t)):max(min(b - s, len(t)), 0)] for t, s in zip(self.tables, starts)])
+        return np.concatenate([t[min(max(a - s, 0), len(t)):max(min(b - s, len(t)), 0)]
+                               for t, s in zip(self.tables, starts)])
 
 def _rows(tables:list):
     "One table as it is, several as `Rows`"
@@ -127,7 +133,8 @@ def _rows(tables:list):
 
 # %% ../nbs/11_predict.ipynb #c2dedc4c
 def _damaged(f, e:dict)->GLRError:
-    return GLRError(f"{f}: missing, damaged or incomplete; rebuild the index (or rerun the --add that wrote {e['dir']})")
+    return GLRError(f"{f}: missing, damaged or incomplete; rebuild the index "
+                    f"(or rerun the --add that wrote {e['dir']})")
 
 def _open_embeddings(root, e:dict, models:dict, ids, verify)->dict:
     "model -> read-only memmap of part `e`'s embeddings, each cache checked against `ids` (and its CRCs)"
@@ -174,7 +181,8 @@ class LandmarkIndex:
     def __repr__(self):
         g = 'none' if self.gallery is None else len(self.gallery_ids)
         return (f"LandmarkIndex({self.root}: {len(self)} images of {len(self.landmarks)} landmarks in "
-                f"{len(self.meta['parts'])} part(s); models {self.weights}; gallery {g}; stacker {self.stacker is not None})")
+                f"{len(self.meta['parts'])} part(s); models {self.weights}; gallery {g}; "
+                f"stacker {self.stacker is not None})")
 
 # %% ../nbs/11_predict.ipynb #c3b3bf21
 @patch
@@ -203,7 +211,8 @@ def _open_extras(self:LandmarkIndex, verify):
         from glr_nb.postprocess import load_stacker
         try: self.stacker = load_stacker(self.root/st['dir'])
         except Exception as e:
-            raise GLRError(f"{self.root/st['dir']}: damaged stacker ({type(e).__name__}); attach it again with --add --stacker") from None
+            raise GLRError(f"{self.root/st['dir']}: damaged stacker ({type(e).__name__}); "
+                           "attach it again with --add --stacker") from None
 
 @patch
 def net(self:LandmarkIndex, name:str):
@@ -211,7 +220,8 @@ def net(self:LandmarkIndex, name:str):
     from glr_nb.models import load_model
     if name not in self._nets:
         f = self.root/self.models[name]['file']
-        if not f.is_file() or file_digest(f) != self.models[name]['digest']: raise GLRError(f"{f}: missing or damaged; rebuild the index")
+        if not f.is_file() or file_digest(f) != self.models[name]['digest']:
+            raise GLRError(f"{f}: missing or damaged; rebuild the index")
         self._nets[name] = load_model(f)
     return self._nets[name]
 
@@ -220,7 +230,7 @@ def net(self:LandmarkIndex, name:str):
 class IndexSettings(core.Settings):
     "Settings of `glr_index build`: which checkpoints embed which labelled images into which folder"
     out: str = None               # the index folder (with --add: an index to append to)
-    checkpoints: str = None       # the ensemble: name=path[:weight],... as glr_submit takes it (--add: the index's own)
+    checkpoints: str = None       # the ensemble: name=path[:weight],... as glr_submit takes it (--add: the index's)
     data_dir: str = None          # DATA_DIR with images/ and split/ (else $GLR_DATA_DIR)
     images: str = 'index'         # labelled images: index (every v2c image), train, val_index, or a split CSV
     gallery: str = 'nonlandmark'  # image set of the non-landmark gallery ('none': no gallery); a new index only
@@ -275,7 +285,8 @@ def _stack_columns(n_models:int, top_k:int, ransac:bool, k=10)->set:
 def _attach_stacker(root, src, n_models:int, gallery)->dict:
     "Copy the stacker saved at `src` into the index, refusing one for other lists; its manifest entry"
     from glr_nb.postprocess import load_stacker, save_stacker
-    if not gallery: raise GLRError(f"{src}: a stacker reads the non-landmark gallery's lists; build the index with a gallery")
+    if not gallery:
+        raise GLRError(f"{src}: a stacker reads the non-landmark gallery's lists; build the index with a gallery")
     st = load_stacker(src)
     fits = [r for r in (True, False) if set(st.plans[0][0]) == _stack_columns(n_models, st.top_k, r)]
     if not fits: raise GLRError(f"{src}: a stacker for other lists than this index's {n_models} model(s) give")
@@ -301,7 +312,8 @@ def build_index(s:IndexSettings, # what to index, and where
     log = log or get_logger('glr_index')
     if not s.out: raise GLRError("pass --out DIR (the index folder)")
     root = Path(s.out)
-    if not s.add and (root/'index.json').exists(): raise GLRError(f"{root}: holds an index; pass --add to append to it")
+    if not s.add and (root/'index.json').exists():
+        raise GLRError(f"{root}: holds an index; pass --add to append to it")
     ix = LandmarkIndex(root, verify=False) if s.add else None
     dd, models = core.data_dir(s.data_dir), _index_models(s, root, ix and ix.meta)
     df, new = _new_images(image_table(dd, s.images), ix)
@@ -313,7 +325,8 @@ def build_index(s:IndexSettings, # what to index, and where
         parts = parts + [_part_entry(root, d, df, new, _embed(root, models, df, d, s), w) | dict(images=s.images)]
     gallery = ix.meta['gallery'] if ix else _gallery(root, dd, s, models)
     stacker = _attach_stacker(root, s.stacker, len(models), gallery) if s.stacker else ix and ix.meta['stacker']
-    save_json(dict(format=INDEX_FORMAT, models=models, parts=parts, gallery=gallery, stacker=stacker), root/'index.json')
+    meta = dict(format=INDEX_FORMAT, models=models, parts=parts, gallery=gallery, stacker=stacker)
+    save_json(meta, root/'index.json')
     log.info(f"{root}: {len(df)} image(s) {'added' if ix else 'indexed'} ({sum(p['n'] for p in parts)} in all)")
     return root
 
@@ -373,7 +386,8 @@ def read_photo(path,           # an image file in any format Pillow reads
     if p.is_file() and p.stat().st_size == 0: raise GLRError(f"{p}: empty file")
     try: im = _decode(p, max_side)
     except UnidentifiedImageError: raise GLRError(f"{p}: not an image (or a format Pillow cannot read)") from None
-    except Image.DecompressionBombError: raise GLRError(f"{p}: too many pixels to decode safely; reduce it first") from None
+    except Image.DecompressionBombError:
+        raise GLRError(f"{p}: too many pixels to decode safely; reduce it first") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise GLRError(f"{p}: unreadable, truncated or corrupt image ({type(e).__name__}: {e})") from None
     im.thumbnail((max_side, max_side), Image.BILINEAR)
@@ -417,7 +431,8 @@ def _upright_copies(files:list, work, max_side:int)->tuple:
 def embed(self:LandmarkIndex, paths:list, bs=32, device=None)->dict:
     "model -> float16 embeddings of image files `paths`, each model at its own image size"
     from glr_nb.retrieval import extract
-    return {m: extract(self.net(m), [str(p) for p in paths], c['img_size'], bs, device) for m, c in self.models.items()}
+    files = [str(p) for p in paths]
+    return {m: extract(self.net(m), files, c['img_size'], bs, device) for m, c in self.models.items()}
 
 @patch
 def lists(self:LandmarkIndex, q:dict, k=10, backend='torch')->dict:
@@ -456,7 +471,8 @@ def final_stage(R:dict, s:PredictSettings, stacker=None)->tuple:
     stage, pred = list(_votes(s, R, ids).items())[-1]                  # rerank, or merged without re-ranking
     label, score = pred['label'].to_numpy(), pred['score'].to_numpy()
     if 'reranked' in R: return stage, label, score, _support(R, label) < s.min_inliers
-    nl = R['nl_lists']['m0'].score[:, 0] > R['lists']['m0'].score[:, 0] if 'nl_lists' in R else np.zeros(len(ids), bool)
+    if 'nl_lists' not in R: return stage, label, score, np.zeros(len(ids), bool)
+    nl = R['nl_lists']['m0'].score[:, 0] > R['lists']['m0'].score[:, 0]
     return stage, label, score, nl
 
 # %% ../nbs/11_predict.ipynb #bd8c7337
@@ -546,7 +562,8 @@ def _png(fig)->str:
 def _gallery_png(pred:Predictions, ix:LandmarkIndex, i:int, n:int)->str:
     "Photo `i` and its first `n` neighbours as the pipeline's retrieval gallery draws them"
     from glr_nb.retrieval import plot_gallery
-    nbs, rows = pred.records[i]['neighbours'][:n], [j for j in pred.lists.get('reranked', pred.lists['merged']).idx[i] if j >= 0]
+    nbs = pred.records[i]['neighbours'][:n]
+    rows = [j for j in pred.lists.get('reranked', pred.lists['merged']).idx[i] if j >= 0]
     t = pd.DataFrame(dict(query_id='photo', rank=range(len(nbs)), db_id=[b['id'] for b in nbs],
                           label=[b['landmark_id'] for b in nbs], score=[b['score'] for b in nbs]))
     paths = {'photo': pred.photos[i]} | {ix.ids[j]: ix.paths[j] for j in rows[:n]}
@@ -562,7 +579,8 @@ def _matches_png(pred:Predictions, ix:LandmarkIndex, i:int, s:PredictSettings, l
     if c is None or not nbs[c]['inliers']: return ''
     j = pred.lists['reranked'].idx[i][c]
     w = {k_: v for k_, v in dict(superpoint=s.superpoint, superglue=s.superglue).items() if v}
-    mp = match_pair(pred.photos[i], ix.paths[j], _matcher(s, log), s.ransac, size=s.rerank_size or None, device=s.device, **w)
+    mp = match_pair(pred.photos[i], ix.paths[j], _matcher(s, log), s.ransac, size=s.rerank_size or None,
+                    device=s.device, **w)
     ax = draw_matches(pred.photos[i], ix.paths[j], mp['pts0'], mp['pts1'], mp['inliers'],
                       title=f"{ix.ids[j]} (landmark {nbs[c]['landmark_id']}): {mp['n']} inliers")
     return _png(ax.figure)
@@ -596,7 +614,8 @@ def glr_predict(photos:Param('image files, folders or globs', str, opt=False, na
         pred = predict(ix, photos, s, work)
         for p in pred.problems: print(f"glr_predict: {p}", file=sys.stderr)
         if not pred.records: raise GLRError(f"none of the photos could be predicted ({len(pred.problems)} problem(s))")
-        print('\n'.join(json.dumps(r) for r in pred.records) if s.json else photo_table(pred.records).to_string(index=False))
+        lines = [json.dumps(r) for r in pred.records] if s.json else [photo_table(pred.records).to_string(index=False)]
+        print('\n'.join(lines))
         if s.html: print(f"glr_predict: wrote {write_html(pred, ix, s.html, s)}", file=sys.stderr)
     return pred
 
@@ -605,10 +624,13 @@ def _altered(im:Image.Image, kind:str, rng)->tuple:
     "`(image, exif)` of an index image altered one way: crop, rotate, light, exif (stored sideways), small"
     w, h = im.size
     if kind == 'crop':
-        box = (rng.uniform(0, .15) * w, rng.uniform(0, .15) * h, (1 - rng.uniform(0, .15)) * w, (1 - rng.uniform(0, .15)) * h)
+        m = rng.uniform(0, .15, 4)                                     # margins: left, top, right, bottom
+        box = (m[0] * w, m[1] * h, (1 - m[2]) * w, (1 - m[3]) * h)
         return im.crop(tuple(map(round, box))).resize((3 * w, 3 * h), Image.BICUBIC), None
-    if kind == 'rotate': return im.rotate(float(rng.choice([-1, 1]) * rng.uniform(8, 15)), Image.BILINEAR, expand=True), None
-    if kind == 'light': return ImageOps.autocontrast(im.point(lambda v: min(255, int(v * rng.uniform(1.3, 1.6))))), None
+    if kind == 'rotate':
+        return im.rotate(float(rng.choice([-1, 1]) * rng.uniform(8, 15)), Image.BILINEAR, expand=True), None
+    if kind == 'light':
+        return ImageOps.autocontrast(im.point(lambda v: min(255, int(v * rng.uniform(1.3, 1.6))))), None
     if kind == 'exif':
         ex = im.getexif()
         ex[0x0112] = 6                                                # view: turn 90 degrees clockwise
@@ -625,7 +647,8 @@ def _unrelated(meta:dict, out:Path, seed)->list:
     from glr_nb.demo_data import LANDMARK_PHOTOS, load_photo, indoor, face, _photo_dirs
     used = {v.split(':')[0] for v in meta['landmarks'].values()}
     twin = {'motorcycle_right.png': 'motorcycle_left.png'}            # another view of a landmark is not unrelated
-    src = [(p, f) for p, f, _ in LANDMARK_PHOTOS if f not in used] + [(p, f) for p, f in _UNRELATED if twin.get(f) not in used]
+    src = [(p, f) for p, f, _ in LANDMARK_PHOTOS if f not in used]
+    src += [(p, f) for p, f in _UNRELATED if twin.get(f) not in used]
     out_ = []
     for p, f in dict.fromkeys(src):
         if (_photo_dirs()[p]/f).is_file(): out_.append(Path(shutil.copy(_photo_dirs()[p]/f, out/f)))
