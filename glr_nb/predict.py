@@ -315,7 +315,7 @@ def build_index(s:IndexSettings, # what to index, and where
     if not s.add and (root/'index.json').exists():
         raise GLRError(f"{root}: holds an index; pass --add to append to it")
     ix = LandmarkIndex(root, verify=False) if s.add else None
-    dd, models = core.data_dir(s.data_dir), _index_models(s, root, ix and ix.meta)
+    dd, models = core.data_dir(s.data_dir).resolve(), _index_models(s, root, ix and ix.meta)
     df, new = _new_images(image_table(dd, s.images), ix)
     parts = ix.meta['parts'] if ix else []
     if len(df):
@@ -446,6 +446,10 @@ def lists(self:LandmarkIndex, q:dict, k=10, backend='torch')->dict:
 def _rerank(R:dict, photos:list, db_paths, s:PredictSettings, log)->dict:
     "The pipeline's re-rank of lists `R`: the inliers of the m0 and merged entries, the ransac and re-ranked lists"
     from glr_nb.submit import list_inliers, rerank_lists, _matcher
+    used = np.unique(np.concatenate([R['lists']['m0'].idx.ravel(), R['merged'].idx.ravel()]))
+    gone = [db_paths[j] for j in used[used >= 0] if not Path(db_paths[j]).is_file()]
+    if gone: raise GLRError(f"{gone[0]}: index image missing ({len(gone)} neighbour(s)); the re-rank reads them: "
+                            "restore the data folder, or pass --no-rerank")
     w = {k_: v for k_, v in dict(superpoint=s.superpoint, superglue=s.superglue).items() if v}
     cfg = dict(matcher=_matcher(s, log), size=s.rerank_size or None, method=s.ransac, device=s.device, **w)
     inl = dict(zip(('m0', 'merged'), list_inliers([R['lists']['m0'], R['merged']], photos, db_paths, **cfg)))
