@@ -8,7 +8,8 @@ ENV = {**os.environ, 'PYTHONPATH': str(ROOT)}
 
 def _run(script, *argv, code=''):
     "Run console script `script` of glr_nb.predict (as its entry point does) in a fresh interpreter"
-    src = f"import sys\nfrom glr_nb.predict import {script}\n{code}\nsys.argv[1:] = {list(map(str, argv))!r}\n{script}()"
+    src = (f"import sys\nfrom glr_nb.predict import {script}\n{code}\n"
+           f"sys.argv[1:] = {list(map(str, argv))!r}\n{script}()")
     return subprocess.run([sys.executable, '-c', src], env=ENV, capture_output=True, text=True, timeout=120)
 
 
