@@ -30,6 +30,7 @@ LIMITS = {
     'valid_num': '>=1', 'n_gallery': '>=0',
     'gpus': '>=1', 'max_bad_frac': '0..1', 'chunk': '>=1', 'preprocessing': '0..1', 'in_channels': '>=1',
     'local_rank': '>=0', 'distributed': '0..1', 'bn_momentum': '0..1', 'retrieval_queries': '>=1',
+    'min_inliers': '>=0', 'max_side': '>=16',
 }
 
 # %% ../nbs/00_core.ipynb #5dfb2c32

@@ -259,9 +259,10 @@ def _on(x, dev, dt):
     return (x if torch.is_tensor(x) else torch.as_tensor(np.asarray(x))).to(dev, non_blocking=True).to(dt)
 
 def _knn_torch(q, db, k, device=None, q_chunk=None, db_chunk=None):
-    "Chunked exact search: candidates from fp16 products on GPU (fp32 on CPU), ranked by their fp32 scores"
+    "Chunked exact search: candidates from fp16 products (on CPU: fp32 but for a few queries), ranked by fp32 scores"
     dev = torch.device(device) if device else default_device()
-    dt = torch.float16 if dev.type == 'cuda' else torch.float32
+    few = len(q) <= 8 and str(db.dtype).endswith('float16')            # CPU: fp16 gemv beats fp32, fp16 gemm does not
+    dt = torch.float16 if dev.type == 'cuda' or few else torch.float32
     q_chunk = q_chunk or (4096 if dev.type == 'cuda' else 1024)
     db_chunk = db_chunk or (1 << 19 if dev.type == 'cuda' else 1 << 16)   # score block: 4 GiB on GPU, 256 MiB on CPU
     Q = _on(q, dev, dt)
@@ -341,11 +342,13 @@ def model_lists(q_embs:dict,       # model -> [nq, D_m] query embeddings, in ens
                 db_embs:dict,      # model -> [n, D_m] database embeddings of the same models
                 labels=None,       # [n] database labels (None for the non-landmark gallery)
                 weights:dict=None, # model -> ensemble weight
-                k=10, backend='auto')->dict:
+                k=10, backend='auto',
+                db_ens=None)->dict: # the database's ensemble when it is stored (a saved index's); None: computed
     "The reference's lists: 'm0' searched with the weighted ensemble, then 'm1', 'm2', ... with each model alone"
     if set(q_embs) != set(db_embs): raise GLRError(f"lists: query models {list(q_embs)} != database models {list(db_embs)}")
     db_embs = {m: db_embs[m] for m in q_embs}
-    out = {'m0': search(ensemble(q_embs, weights), ensemble(db_embs, weights), k, labels, backend)}
+    db_ens = ensemble(db_embs, weights) if db_ens is None else db_ens
+    out = {'m0': search(ensemble(q_embs, weights), db_ens, k, labels, backend)}
     for i, m in enumerate(q_embs, 1): out[f'm{i}'] = search(q_embs[m], db_embs[m], k, labels, backend)
     return out
 
@@ -413,7 +416,7 @@ def plot_gallery(cands:pd.DataFrame,  # candidates table
 
 # %% ../nbs/04_retrieval.ipynb #8ec530e6
 def image_set(data_dir, name:str)->pd.DataFrame:
-    "DataFrame id, path (+ label, landmarks where known) of a named image set of a GLDv2 data folder"
+    "DataFrame id, path (+ label, landmarks where known) of a named image set (or a split CSV) of a GLDv2 data folder"
     from glr_nb.data import image_paths
     d = Path(data_dir)
     def _csv(p, **kw):
@@ -424,7 +427,11 @@ def image_set(data_dir, name:str)->pd.DataFrame:
     elif name == 'train': df = _csv(d/'split'/'v2c'/'random_train_cv0.csv').assign(subset='train')
     elif name == 'nonlandmark': df = _csv(d/'split'/'nonlandmark.csv')
     elif name in ('val_query', 'val_index'): df = _csv(d/'split'/'val'/f"{name[4:]}.csv")
-    else: raise GLRError(f"unknown image set {name!r}; use test, index, train, nonlandmark, val_query or val_index")
+    elif name.endswith('.csv'):                                      # a split CSV: its path, or one under split/
+        df = _csv(Path(name) if Path(name).is_file() else d/'split'/name)
+        if 'subset' not in df.columns: df = df.assign(subset='train')
+    else: raise GLRError(f"unknown image set {name!r}; use test, index, train, nonlandmark, val_query, val_index "
+                         "or a split CSV")
     df = df.reset_index(drop=True)
     df['path'] = None
     for sub, g in df.groupby('subset'): df.loc[g.index, 'path'] = [str(p) for p in image_paths(d/'images'/sub, g['id'])]

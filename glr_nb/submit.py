@@ -87,10 +87,12 @@ def retrieve_lists(embs:dict,     # set name -> model -> embeddings (`embed_sets
                    index:str,     # the database set, e.g. 'index' or 'val_index'
                    weights:dict,  # model -> ensemble weight, in ensemble order
                    k=10,          # neighbours per list
-                   backend='auto')->dict:
+                   backend='auto',
+                   db_ens=None)->dict: # the index's ensemble when it is stored (a saved index's); None: computed
     "`lists` (m0..mM from the index), `nl_lists` (the same from the gallery, if embedded) and the `merged` list"
     from glr_nb.retrieval import model_lists, merge_lists
-    lists = model_lists(embs[query], embs[index], sets[index]['landmark_id'].to_numpy(np.int64), weights, k, backend)
+    lab = sets[index]['landmark_id'].to_numpy(np.int64)
+    lists = model_lists(embs[query], embs[index], lab, weights, k, backend, db_ens)
     out = dict(lists=lists, merged=merge_lists([lists[f'm{i}'] for i in range(1, len(lists))], list(weights.values()), k))
     if 'nonlandmark' in embs: out['nl_lists'] = model_lists(embs[query], embs['nonlandmark'], None, weights, k, backend)
     return out
