@@ -242,8 +242,9 @@ def result_dir(path=None  # explicit folder; else `$GLR_RESULT_DIR`
 def csv_line(path,  # a CSV file with a header line
              row:int  # 0-based data row, as pandas numbers it
             )->int:
-    "The line of `path` on which data row `row` starts (blank lines skipped, as pandas does)"
+    "The line of `path` on which data row `row` starts (blank lines skipped, as pandas does); `row + 2` without the file"
     import csv
+    if not Path(path).is_file(): return row + 2
     with open(path, newline='', errors='replace') as f:
         rd, k, start = csv.reader(f), -1, 1
         for rec in rd:
