@@ -52,8 +52,9 @@ def check_param(name:str,  # parameter name (the key in `LIMITS`)
                 where=''): # prefix of the message, e.g. '--' or 'TrainSettings: '
     "`value` when it is not a number, or a finite number within `LIMITS[name]`; else `GLRError` naming the range"
     if isinstance(value, bool) or not isinstance(value, (int, float)): return value
-    if not math.isfinite(value): raise GLRError(f"{where}{name} = {value} is not a finite number")
     rule = LIMITS.get(name)
+    if not math.isfinite(value):
+        raise GLRError(f"{where}{name} = {value} is not a finite number" + (f": allowed {rule}" if rule else ''))
     if rule and not in_range(value, rule): raise GLRError(f"{where}{name} = {value} is out of range: allowed {rule}")
     return value
 

@@ -523,9 +523,7 @@ def resume_state(s:TrainSettings, run:Run)->dict|None:
     if run.resume_from is None:
         if s.resume not in (None, ''): run.log.info(f"resume: no checkpoint in {run.out}; starting fresh")
         return None
-    ck = load_checkpoint(run.resume_from)
-    if 'state_dict' not in ck:
-        raise GLRError(f"{run.resume_from}: not a glr_nb checkpoint (no state_dict); pass one written by glr_train")
+    ck = load_checkpoint(run.resume_from, need=('state_dict',))
     run.log.info(f"resume from {run.resume_from} (epoch {ck.get('epoch', 0):.2f})")
     return ck
 
