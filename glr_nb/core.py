@@ -207,13 +207,14 @@ def _run(f, prog, kw):
 
 # %% ../nbs/00_core.ipynb #1c20f90d
 def script(f):
-    "Make `f` a console script: flags from its docments and `Settings` fields, checked numbers, one-line errors"
+    "Make `f` a console script: flags from docments and `Settings` fields, checked numbers and device, one-line errors"
     @functools.wraps(f)
     def _f(argv=None):
         p, groups = _parser(f)
         kw = vars(p.parse_args(argv))
         try:
             for k, v in kw.items(): check_param(k, v, '--')
+            if kw.get('device') not in (None, '', 'auto'): get_device(kw['device'])   # unknown name, or no such GPU
             for name, cls in groups.items(): kw[name] = cls.of({k: kw.pop(k) for k in cls.names()})
         except GLRError as e: _die(f.__name__, e)
         res = _run(f, f.__name__, kw)
@@ -243,7 +244,7 @@ def result_dir(path=None  # explicit folder; else `$GLR_RESULT_DIR`
 def csv_line(path,  # a CSV file with a header line
              row:int  # 0-based data row, as pandas numbers it
             )->int:
-    "The line of `path` on which data row `row` starts (blank lines skipped, as pandas does); `row + 2` without the file"
+    "The line where data row `row` of CSV `path` starts (blank lines skipped, as pandas does); else `row + 2`"
     import csv
     if not Path(path).is_file(): return row + 2
     with open(path, newline='', errors='replace') as f:

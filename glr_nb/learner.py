@@ -363,11 +363,14 @@ class BadImages(Callback):
         store_attr('ds,max_bad_frac,n_missing')
     def total(self)->int: return int(getattr(self.ds, 'n_bad', 0)) + self.n_missing
     def examples(self)->str: return ', '.join(self.ds.paths[self.ds.bad.numpy()][:3]) if hasattr(self.ds, 'bad') else ''
-    def after_batch(self):
+    def error(self)->str|None:
+        "The line that stops the run, or None while the share is not passed"
         n, of = self.total(), len(self.ds) + self.n_missing
-        if self.training and n > self.max_bad_frac * of:
-            raise GLRError(f"{n} of {of} training images missing or unreadable ({n / of:.1%}, more than max_bad_frac "
-                           f"{self.max_bad_frac:.1%}), e.g. {self.examples()}; restore them or raise --max_bad_frac")
+        if n <= self.max_bad_frac * of: return None
+        return (f"{n} of {of} training images missing or unreadable ({n / of:.1%}, more than max_bad_frac "
+                f"{self.max_bad_frac:.1%}), e.g. {self.examples()}; restore them or raise --max_bad_frac")
+    def after_batch(self):
+        if self.training and self.error(): raise CancelFitException()    # `fit_run` says why, in one line
 
 # %% ../nbs/03a_learner.ipynb #a20144ab
 class Validator:
@@ -523,8 +526,8 @@ def resume_state(s:TrainSettings, run:Run)->dict|None:
     if run.resume_from is None:
         if s.resume not in (None, ''): run.log.info(f"resume: no checkpoint in {run.out}; starting fresh")
         return None
-    ck = load_checkpoint(run.resume_from, need=('state_dict',))
-    run.log.info(f"resume from {run.resume_from} (epoch {ck.get('epoch', 0):.2f})")
+    ck = load_checkpoint(run.resume_from, need=('state_dict', 'epoch'))     # where to continue from
+    run.log.info(f"resume from {run.resume_from} (epoch {ck['epoch']:.2f})")
     return ck
 
 # %% ../nbs/03a_learner.ipynb #fe3871b3
@@ -710,6 +713,7 @@ def fit_run(s:TrainSettings, run:Run, learn:Learner):
                        f"before saving it; earlier checkpoints are kept in {run.out}; lower --lr, try --amp none, "
                        "or check the data")
     bad = learn.bad_images
+    if bad.error(): raise GLRError(bad.error())
     if bad.total(): run.log.warning(f"{bad.total()} training image(s) missing or unreadable: left out or replaced by "
                                     f"others of their class{', e.g. ' + bad.examples() if bad.examples() else ''}")
     if run.rank == 0:
