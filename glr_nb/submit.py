@@ -67,7 +67,7 @@ def parse_checkpoints(spec)->dict:
             path, w = (m[1], m[2]) if m else (str(v), '')
         w = float(w) if w not in ('', None) else DEFAULT_WEIGHTS.get(name, 1.)
         if not (math.isfinite(w) and w > 0):
-            raise GLRError(f"--checkpoints {name}: weight {w} is out of range: allowed >0 (leave the model out instead)")
+            raise GLRError(f"--checkpoints {name}: weight {w} is out of range: allowed >0 (leave the model out)")
         out[name] = (str(path), w)
     if not out: raise GLRError("no checkpoints given: pass name=path[:weight],...")
     return out
@@ -202,13 +202,14 @@ def _test_solution(path, test_ids, log):
     if not sol: log.warning(f"{path} covers none of the test queries: no test GAP")
     return sol or None
 
-def _matcher(s, log):
-    "The re-rank matcher's name, said in the log"
+def _matcher(s, log=None):
+    "The re-rank matcher's name (said in `log` when given); `GLRError` for weights or a name that do not fit"
     if bool(s.superpoint) != bool(s.superglue):
         raise GLRError("pass both --superpoint and --superglue (SuperPoint + SuperGlue) or neither (SIFT)")
     m = ('superglue' if s.superpoint else 'sift') if s.matcher == 'auto' else s.matcher
     if m not in ('sift', 'superglue'): raise GLRError(f"--matcher {s.matcher!r}: use auto, superglue or sift")
-    log.info('re-rank: SuperPoint + SuperGlue' if m == 'superglue' else 're-rank: SIFT (no SuperPoint/SuperGlue weights given)')
+    if log: log.info('re-rank: ' + ('SuperPoint + SuperGlue' if m == 'superglue' else
+                                    'SIFT (no SuperPoint/SuperGlue weights given)'))
     return m
 
 def _inputs(s, log):
@@ -216,6 +217,11 @@ def _inputs(s, log):
     if not s.checkpoints: raise GLRError("no checkpoints: pass --checkpoints name=path[:weight],...")
     ck = parse_checkpoints(s.checkpoints)
     core.get_device(s.device)                     # an unknown name or a GPU that is not there: refused before any work
+    if s.rerank:
+        from glr_nb.rerank import RANSAC_METHODS
+        if s.ransac not in RANSAC_METHODS:
+            raise GLRError(f"--ransac {s.ransac!r}: use one of {', '.join(RANSAC_METHODS)}")
+        _matcher(s)                               # checked here, said in the log when the re-rank starts
     dd, rd = core.data_dir(s.data_dir), core.result_dir(s.result_dir)
     val = s.stacking and not s.stacker
     if val and not (dd/'split'/'val'/'query.csv').is_file():

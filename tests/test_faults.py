@@ -81,6 +81,8 @@ NUMBERS = [
     (glr_submit, ['--device', 'gpu0'], "unknown device 'gpu0'"),
     (glr_submit, ['--checkpoints', 'm1=a.pth:0'], 'weight 0.0 is out of range: allowed >0'),
     (glr_submit, ['--checkpoints', 'm1=a.pth:1,m2=b.pth:-0.5'], 'm2: weight -0.5 is out of range: allowed >0'),
+    (glr_submit, ['--checkpoints', 'm1=a.pth', '--ransac', 'lmeds'], "--ransac 'lmeds': use one of degensac"),
+    (glr_submit, ['--checkpoints', 'm1=a.pth', '--matcher', 'orb'], "--matcher 'orb': use auto, superglue or sift"),
     (glr_split, ['--valid_num', '0'], 'valid_num = 0 is out of range: allowed >=1'),
     (glr_split, ['--n_valid', '-3'], 'n_valid = -3 is out of range: allowed >=1'),
     (glr_bench, ['knn', '--n', '0'], 'n = 0 is out of range: allowed >=1'),
@@ -138,20 +140,22 @@ CRAFTED = {'zero-byte': 'cannot load as a weights-only checkpoint', 'tensor-only
            'wrong-arch': 'weights do not fit test_resnet'}
 
 @pytest.mark.parametrize('kind', list(CRAFTED))
-@pytest.mark.parametrize('where', ['train --resume', 'extract', 'submit'])
+@pytest.mark.parametrize('where', ['train --resume', 'train --model_file', 'extract', 'submit'])
 def test_crafted_checkpoints(kind, where, data, tmp_path, capsys):
     "Every place a checkpoint is loaded refuses a damaged or foreign one in one line naming the file"
     ck = tmp_path/f'{kind}.pth'
     _craft(ck, kind)
     common = ['--data-dir', data, '--result-dir', tmp_path/'res']
-    if where == 'train --resume': line = one_line(glr_train, [*common, '--out_dir', 'r', *TRAIN, '--resume', ck], capsys)
+    if where.startswith('train'):
+        line = one_line(glr_train, [*common, '--out_dir', 'r', *TRAIN, where.split()[1], ck], capsys)
     elif where == 'extract':
         line = one_line(glr_extract, [*common, '--checkpoint', ck, '--img_size', 32, '--num_workers', 0], capsys)
     else:
         line = one_line(glr_submit, [*common, '--checkpoints', f'm1={ck}', '--img_size', 32, '--workers', 0,
                                      '--no-rerank', '--no-stacking', '--device', 'cpu'], capsys)
     msg = CRAFTED[kind]
-    if kind == 'epoch-less' and where != 'train --resume': msg = 'not a glr_nb checkpoint (no arch, num_classes)'
+    if kind == 'epoch-less' and where in ('extract', 'submit'): msg = 'not a glr_nb checkpoint (no arch, num_classes)'
+    if kind == 'epoch-less' and where == 'train --model_file': msg = CRAFTED['wrong-arch']   # weights alone are fine
     assert str(ck) in line and msg in line, line
 
 # ---------------------------------------------------------------- missing and unreadable images, NaN loss
