@@ -35,6 +35,7 @@ def read_gld_csv(path,          # a GLDv2 CSV file
                  check_id=True):  # validate the `id` column (16 lowercase hex)
     "Read `cols` of a GLDv2 CSV with compact dtypes; any problem -> `GLRError` naming file, line and fix"
     path = Path(path)
+    if path.is_dir(): raise GLRError(f"{path}: is a folder where a CSV file is needed; pass the file")
     if not path.is_file(): raise GLRError(f"{path}: file not found; check DATA_DIR (raw/ holds the GLDv2 CSVs)")
     try: head = list(pd.read_csv(path, nrows=0).columns)
     except Exception as e: raise GLRError(f"{path}: cannot read as CSV ({type(e).__name__}: {e}); re-download the file") from None

@@ -267,6 +267,8 @@ def test_wrong_kind_paths(tmp_path, capsys):
     assert 'is a file, not a folder' in one_line(glr_train, ['--result-dir', f, *TRAIN], capsys)
     assert f"{tmp_path}: is a folder; pass a file name" in one_line(glr_bench, ['knn', '--n', 10, '--out', tmp_path],
                                                                    capsys)
+    assert f"{tmp_path}: is a folder where a CSV file is needed" in one_line(
+        glr_score, ['--submission', tmp_path, '--solution', f], capsys)
     line = one_line(glr_demo, ['--out', f/'sub'], capsys)
     assert 'a file is in the way where a folder is needed' in line and str(f) in line, line
 
@@ -336,3 +338,18 @@ def test_exif_and_16_bit_photographs(tmp_path):
     cv2.imwrite(str(tmp_path/'c16.png'), cam.astype(np.uint16) * 257)
     assert (np.asarray(load_image(tmp_path/'c16.png'))[..., 0] == cam).all()
     assert np.abs(load_gray(tmp_path/'c16.png', None)[0].astype(int) - cam).max() <= 1
+
+# ---------------------------------------------------------------- errors name the right file and line
+def test_bad_id_in_a_split_file_names_it(own_data, tmp_path, capsys):
+    "A damaged id in a split file is reported with that file and its line, by training and by extraction alike"
+    f = own_data/'split'/'v2c'/'random_train_cv0.csv'
+    lines = f.read_text().splitlines()
+    lines[5] = 'NOT-AN-ID' + lines[5][16:]
+    f.write_text('\n'.join(lines) + '\n')
+    line = one_line(glr_train, ['--data-dir', own_data, '--result-dir', tmp_path, '--out_dir', 'r', *TRAIN], capsys)
+    assert f"{f}: line 6: invalid image id 'NOT-AN-ID'" in line, line
+    g = own_data/'split'/'train2020.csv'
+    g.write_text(g.read_text().replace(g.read_text().splitlines()[3][:16], 'deadbeef', 1))
+    line = one_line(glr_extract, ['--data-dir', own_data, '--result-dir', tmp_path, '--checkpoint', 'x.pth',
+                                  '--images', 'index'], capsys)
+    assert f"{g}: line 4: invalid image id 'deadbeef'" in line, line
