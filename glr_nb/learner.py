@@ -359,8 +359,10 @@ class BadImages(Callback):
     order = 56
     def __init__(self, ds,              # the training dataset (an `ImageDataset` flags the images it cannot read)
                  max_bad_frac=0.01,     # the share that stops the run
-                 n_missing=0):          # images already left out because their files are missing or empty
-        store_attr('ds,max_bad_frac,n_missing')
+                 n_missing=0,           # images already left out because their files are missing or empty
+                 every=50):             # under DDP the processes agree every this many batches (one all_reduce)
+        store_attr('ds,max_bad_frac,n_missing,every')
+        self.stopped, self.batches = False, 0
     def total(self)->int: return int(getattr(self.ds, 'n_bad', 0)) + self.n_missing
     def examples(self)->str: return ', '.join(self.ds.paths[self.ds.bad.numpy()][:3]) if hasattr(self.ds, 'bad') else ''
     def error(self)->str|None:
@@ -370,7 +372,14 @@ class BadImages(Callback):
         return (f"{n} of {of} training images missing or unreadable ({n / of:.1%}, more than max_bad_frac "
                 f"{self.max_bad_frac:.1%}), e.g. {self.examples()}; restore them or raise --max_bad_frac")
     def after_batch(self):
-        if self.training and self.error(): raise CancelFitException()    # `fit_run` says why, in one line
+        if not self.training: return
+        self.batches += 1
+        if not _ddp(): self.stopped = self.error() is not None
+        elif self.batches % self.every == 0:                            # every process stops at the same batch
+            t = torch.tensor([float(self.error() is not None)], device=next(self.model.parameters()).device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            self.stopped = bool(t.item())
+        if self.stopped: raise CancelFitException()                    # `fit_run` says why, in one line
 
 # %% ../nbs/03a_learner.ipynb #a20144ab
 class Validator:
@@ -713,7 +722,8 @@ def fit_run(s:TrainSettings, run:Run, learn:Learner):
                        f"before saving it; earlier checkpoints are kept in {run.out}; lower --lr, try --amp none, "
                        "or check the data")
     bad = learn.bad_images
-    if bad.error(): raise GLRError(bad.error())
+    if bad.stopped or bad.error():
+        raise GLRError(bad.error() or "another process found too many missing or unreadable training images; see rank 0")
     if bad.total(): run.log.warning(f"{bad.total()} training image(s) missing or unreadable: left out or replaced by "
                                     f"others of their class{', e.g. ' + bad.examples() if bad.examples() else ''}")
     if run.rank == 0:
