@@ -122,15 +122,16 @@ def _explode(tc, path):
     if not len(tc): raise GLRError(f"{path}: no rows after the header; re-download train_clean.csv")
     n = tc.images.str.count(' ').to_numpy() + 1
     empty = (tc.images.str.strip() == '').to_numpy()
-    if empty.any(): raise GLRError(f"{path}: line {csv_line(path, int(np.flatnonzero(empty)[0]))}: no images; remove that row")
+    if empty.any():
+        raise GLRError(f"{path}: line {csv_line(path, int(np.flatnonzero(empty)[0]))}: no images; remove that row")
     ids = np.array(' '.join(tc.images).split(' '), dtype=object)
     if len(ids) != n.sum(): raise GLRError(f"{path}: images must be separated by single spaces; fix the file")
     row = np.repeat(np.arange(len(tc)), n)
     bad = ~pd.Series(ids).str.fullmatch(r'[0-9a-f]{16}').to_numpy()
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise GLRError(f"{path}: line {csv_line(path, row[i])}: invalid image id {ids[i]!r} (expected 16 lowercase hex); "
-                       "fix that row")
+        raise GLRError(f"{path}: line {csv_line(path, row[i])}: invalid image id {ids[i]!r} "
+                       "(expected 16 lowercase hex); fix that row")
     return _once(ids, row, path)
 
 # %% ../nbs/01_data.ipynb #ec32f815
@@ -249,7 +250,8 @@ def _check_clean(t20, train, tc_path, train_path):
         i = int(np.flatnonzero(other)[0])
         x, j = t20.id.iloc[i], int(np.flatnonzero((train.id == t20.id.iloc[i]).to_numpy())[0])
         raise GLRError(f"{tc_path}: line {csv_line(tc_path, t20.landmark_id.iloc[i])}: image {x} is under landmark "
-                       f"{t20.landmarks.iloc[i]} here and {int(there[i])} in {train_path} (line {csv_line(train_path, j)}); "
+                       f"{t20.landmarks.iloc[i]} here and {int(there[i])} in {train_path} "
+                       f"(line {csv_line(train_path, j)}); "
                        f"{int(other.sum())} such images: an image in two classes makes the split wrong; fix one file")
     if absent.any():
         get_logger('glr_nb.data').warning(f"{tc_path}: {int(absent.sum())} image(s) are not in {train_path} (e.g. "
@@ -269,7 +271,8 @@ def _write_split(out, res:dict, args:dict, raw):
     theirs = [p for p in out.rglob('*') if p.is_file() and str(p.relative_to(out)) not in SPLIT_FILES]
     with atomic_dir(out, keep_old=bool(theirs)) as tmp:
         for k, v in res.items(): save_csv(v, tmp/k)
-        save_json(dict(args=args, inputs=_inputs_digest(raw), rows={k: len(v) for k, v in res.items()}), tmp/'split.json')
+        rows = {k: len(v) for k, v in res.items()}
+        save_json(dict(args=args, inputs=_inputs_digest(raw), rows=rows), tmp/'split.json')
 
 # %% ../nbs/01_data.ipynb #9b1d9b49
 def make_splits(data_dir,         # DATA_DIR holding raw/

@@ -32,7 +32,8 @@ def load_image(path,             # JPEG (or any PIL-readable) file
         s = size/max(w, h) if keep_aspect else size/min(w, h)
         im.draft('RGB', (math.ceil(w*s), math.ceil(h*s)))    # the short and long sides do not change when turned
     im = ImageOps.exif_transpose(im)
-    if im.mode.startswith('I'): im = Image.fromarray(np.round(np.asarray(im, np.float64) / 257).clip(0, 255).astype(np.uint8))
+    if im.mode.startswith('I'):                     # 16-bit grey (PIL mode I;16 or I): 0..65535 -> 0..255
+        im = Image.fromarray(np.round(np.asarray(im, np.float64) / 257).clip(0, 255).astype(np.uint8))
     return im.convert('RGB')
 
 # %% ../nbs/01c_images.ipynb #89bb0666

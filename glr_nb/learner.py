@@ -572,7 +572,7 @@ def usable_images(paths,              # the image files of one set
 
 def split_datasets(data_dir, split_type='v2c', img_size=448, eval_img_size=512, aug_version='1', max_valid=None,
                    norm=True, max_bad_frac=0.01)->tuple:
-    "Train (augmented) and validation `ImageDataset`s without missing images, the class count, and how many were left out"
+    "Train (augmented) and validation `ImageDataset`s without missing files, the class count, `(left out of each)`"
     from glr_nb.data import image_paths
     tr, va = split_frames(data_dir, split_type)
     if max_valid: va = va.iloc[:max_valid]
@@ -584,7 +584,7 @@ def split_datasets(data_dir, split_type='v2c', img_size=448, eval_img_size=512, 
         sets.append((paths[ok], df.landmark_id.to_numpy()[ok], int((~ok).sum())))
     tds = ImageDataset(*sets[0][:2], size=img_size, aug=str(aug_version).lower(), train=True, norm=norm)
     vds = ImageDataset(*sets[1][:2], size=eval_img_size, norm=norm)
-    return tds, vds, n_cls, sets[0][2] + sets[1][2]
+    return tds, vds, n_cls, (sets[0][2], sets[1][2])
 
 # %% ../nbs/03a_learner.ipynb #3b87aa43
 @dataclasses.dataclass
@@ -594,16 +594,17 @@ class Data:
     valid_ds: Dataset|None
     num_classes: int
     retrieval: RetrievalSet|None   # the official retrieval validation set, when its files are there
-    n_missing: int = 0             # split images left out because their files are missing or empty
+    n_missing: int = 0             # training images left out because their files are missing or empty
 
 def make_data(s:TrainSettings, run:Run, train_ds=None, valid_ds=None)->Data:
     "The split's datasets (or those passed in), the class count, and the retrieval set that `select_by` needs"
-    d, n, miss = (_data_dir(s.data_dir) if train_ds is None or s.data_dir else None), None, 0
+    d, n, miss = (_data_dir(s.data_dir) if train_ds is None or s.data_dir else None), None, (0, 0)
     if train_ds is None:
         train_ds, vds, n, miss = split_datasets(d, s.split_type, s.img_size, s.eval_img_size, s.aug_version,
                                                 s.max_valid, s.preprocessing == 1, s.max_bad_frac)
         valid_ds = vds if valid_ds is None else valid_ds
-    if miss: run.log.warning(f"{miss} image(s) of the split missing or empty: left out (max_bad_frac {s.max_bad_frac})")
+    for k, what in zip(miss, ('training', 'validation')):
+        if k: run.log.warning(f"{k} {what} image(s) missing or empty: left out (max_bad_frac {s.max_bad_frac})")
     if not (s.num_classes or n): raise GLRError("num_classes is required when datasets are passed in")
     if s.num_classes and n and s.num_classes < n:
         raise GLRError(f"--num_classes {s.num_classes} is smaller than the split's {n} classes (labels 0..{n - 1}); "
@@ -614,7 +615,7 @@ def make_data(s:TrainSettings, run:Run, train_ds=None, valid_ds=None)->Data:
                        "add them or use --select_by gap")
     by = f'retrieval mAP@100 on {len(rs.query_ids)} Private queries' if rs else 'leave-one-out GAP'
     run.log.info(f"final.pth by {by}")
-    return Data(train_ds, valid_ds, s.num_classes or n, rs, miss)
+    return Data(train_ds, valid_ds, s.num_classes or n, rs, miss[0])
 
 # %% ../nbs/03a_learner.ipynb #b69f9d9a
 def build_model(s:TrainSettings, run:Run, num_classes:int, ck=None)->tuple:
@@ -723,7 +724,7 @@ def fit_run(s:TrainSettings, run:Run, learn:Learner):
                        "or check the data")
     bad = learn.bad_images
     if bad.stopped or bad.error():
-        raise GLRError(bad.error() or "another process found too many missing or unreadable training images; see rank 0")
+        raise GLRError(bad.error() or "another process found too many missing or unreadable images; see rank 0")
     if bad.total(): run.log.warning(f"{bad.total()} training image(s) missing or unreadable: left out or replaced by "
                                     f"others of their class{', e.g. ' + bad.examples() if bad.examples() else ''}")
     if run.rank == 0:

@@ -92,7 +92,8 @@ def read_submission(path)->dict:
     if parts.shape[1] > 2: bad |= parts[2].notna()
     if bad.any():
         i = bad.index[np.flatnonzero(bad.to_numpy())[0]]
-        raise GLRError(f"{path}: line {csv_line(path, i)}: landmarks {df.loc[i, 'landmarks']!r} is not '<landmark_id> <score>' "
+        raise GLRError(f"{path}: line {csv_line(path, i)}: landmarks {df.loc[i, 'landmarks']!r} is not "
+                       "'<landmark_id> <score>' "
                        "with a finite score")
     return dict(zip(df['id'], zip(parts[0].astype(int).tolist(), score.astype(float).tolist())))
 

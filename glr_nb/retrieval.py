@@ -420,7 +420,7 @@ def image_set(data_dir, name:str)->pd.DataFrame:
     def _csv(p, **kw):
         if not p.is_file(): raise GLRError(f"{p}: not found; run glr_split --data-dir {d} first" if 'split' in p.parts else f"{p}: not found")
         df = pd.read_csv(p, dtype={'id': str}, keep_default_na=False, **kw)
-        if 'id' not in df.columns: raise GLRError(f"{p}: line 1: no id column; re-run glr_split or re-download the file")
+        if 'id' not in df.columns: raise GLRError(f"{p}: line 1: no id column; re-run glr_split or re-download it")
         check_ids(df['id'], p)                          # a bad id is named with its file and line
         return df
     if name == 'test': df = _csv(d/'raw'/'test.csv')[['id']].assign(subset='test')

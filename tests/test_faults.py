@@ -193,7 +193,7 @@ def test_few_bad_images_left_out_and_reported(own_data, tmp_path):
     assert run_complete(out)
     assert json.loads((out/'run.json').read_text())['bad_images'] == 3
     log = (out/'train.log').read_text()
-    assert '2 image(s) of the split missing or empty: left out' in log, log
+    assert '2 training image(s) missing or empty: left out' in log, log
     assert '3 training image(s) missing or unreadable' in log and str(ps[2]) in log, log
 
 def test_nan_loss_stops_without_final(data, tmp_path, capsys):
