@@ -334,6 +334,11 @@ def test_exif_and_16_bit_photographs(tmp_path):
     g, _ = load_gray(tmp_path/'s.jpg', None)
     assert g.shape == photo.shape[:2]
     assert np.abs(g.astype(np.float32) - cv2.cvtColor(photo, cv2.COLOR_RGB2GRAY)).mean() < 4
+    import matplotlib
+    matplotlib.use('Agg')
+    from glr_nb.rerank import draw_matches                         # the picture under the drawn matches is upright too
+    assert draw_matches(tmp_path/'s.jpg', photo, np.zeros((2, 2)), np.zeros((2, 2))).get_images()[0].get_array().shape \
+        == (400, 1200, 3)
     cam = skimage.data.camera()
     cv2.imwrite(str(tmp_path/'c16.png'), cam.astype(np.uint16) * 257)
     assert (np.asarray(load_image(tmp_path/'c16.png'))[..., 0] == cam).all()
