@@ -5,15 +5,16 @@
 # %% ../nbs/00_core.ipynb #8b42e191
 from __future__ import annotations
 import os, sys, re, io, ast, json, math, errno, typing, inspect, logging, argparse, tempfile, textwrap, tokenize
-import contextlib, dataclasses, functools, hashlib, random
+import contextlib, dataclasses, functools, hashlib, random, time, glob, shutil
 from pathlib import Path
 import numpy as np
 from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['LIMITS', 'HEX_ID', 'GLRError', 'in_range', 'check_param', 'field_docs', 'Settings', 'parameters_cell', 'script',
-           'data_dir', 'result_dir', 'check_ids', 'get_logger', 'atomic_write', 'save_json', 'save_csv',
-           'save_checkpoint', 'load_checkpoint', 'set_seed', 'get_device', 'default_device', 'file_digest']
+           'data_dir', 'result_dir', 'csv_line', 'check_ids', 'get_logger', 'atomic_write', 'save_json', 'save_csv',
+           'aside_path', 'atomic_dir', 'reserve', 'save_checkpoint', 'load_checkpoint', 'set_seed', 'get_device',
+           'default_device', 'file_digest']
 
 # %% ../nbs/00_core.ipynb #2dfce38c
 class GLRError(Exception):
@@ -22,12 +23,12 @@ class GLRError(Exception):
 # %% ../nbs/00_core.ipynb #88465ed8
 LIMITS = {
     'batch_size': '>=1', 'bs': '>=1', 'eval_bs': '>=1', 'img_size': '>=16', 'eval_img_size': '>=16',
-    'epochs': '>=0', 'lr': '>0', 'momentum': '0..1', 'wd': '>=0', 'smoothing': '0..<1', 'drop_path': '0..<1',
+    'epochs': '>0', 'lr': '>0', 'momentum': '0..1', 'wd': '>=0', 'smoothing': '0..<1', 'drop_path': '0..<1',
     'save_every_epoch': '0<..1', 'accum': '>=1', 'num_workers': '>=0', 'workers': '>=0', 'log_every': '>=1',
     'k': '>=1', 'nl_k': '>=1', 'top_k': '>=1', 'rerank_top': '>=0', 'max_inliers': '>=1', 'rerank_size': '>=0',
     'stack_folds': '>=2', 'stack_seeds': '>=1', 'max_valid': '>=1', 'num_classes': '>=1', 'seed': '>=0',
     'stack_models': '>=1', 'stack_best': '>=1', 'min_child_samples': '>=1', 'stack_threads': '>=1',
-    'valid_num': '>=1', 'n_gallery': '>=0',
+    'valid_num': '>=1', 'n_gallery': '>=0', 'n_valid': '>=1', 'min_images': '>=1', 'n': '>=1', 'img': '>=16',
     'gpus': '>=1', 'max_bad_frac': '0..1', 'chunk': '>=1', 'preprocessing': '0..1', 'in_channels': '>=1',
     'local_rank': '>=0', 'distributed': '0..1', 'bn_momentum': '0..1', 'retrieval_queries': '>=1',
     'min_inliers': '>=0', 'max_side': '>=16',
@@ -52,8 +53,9 @@ def check_param(name:str,  # parameter name (the key in `LIMITS`)
                 where=''): # prefix of the message, e.g. '--' or 'TrainSettings: '
     "`value` when it is not a number, or a finite number within `LIMITS[name]`; else `GLRError` naming the range"
     if isinstance(value, bool) or not isinstance(value, (int, float)): return value
-    if not math.isfinite(value): raise GLRError(f"{where}{name} = {value} is not a finite number")
     rule = LIMITS.get(name)
+    if not math.isfinite(value):
+        raise GLRError(f"{where}{name} = {value} is not a finite number" + (f": allowed {rule}" if rule else ''))
     if rule and not in_range(value, rule): raise GLRError(f"{where}{name} = {value} is out of range: allowed {rule}")
     return value
 
@@ -181,11 +183,15 @@ def _parser(f)->tuple:
 # %% ../nbs/00_core.ipynb #5b73dc62
 _OS_FIX = {errno.ENOSPC: 'no space left on the device; free some space or write somewhere else',
            errno.EDQUOT: 'disk quota exceeded; free some space or write somewhere else',
+           errno.EFBIG: 'file too large for this file system; write somewhere else',
            errno.EROFS: 'read-only file system; choose a writable folder',
            errno.EACCES: 'permission denied; choose a folder you can write to',
            errno.EPERM: 'operation not permitted; choose a folder you can write to',
            errno.EISDIR: 'is a directory where a file is needed; pass a file path',
-           errno.ENOTDIR: 'a file is in the way where a folder is needed; move it or choose another path'}
+           errno.ENOTDIR: 'a file is in the way where a folder is needed; move it or choose another path',
+           errno.EEXIST: 'a file is in the way where a folder is needed; move it or choose another path'}
+
+_INTERRUPTED = 'interrupted; finished work is kept, partial files removed (rerun to resume)'
 
 def _die(prog, msg, code=2):
     print(f"{prog}: error: {msg}" if code == 2 else f"{prog}: {msg}", file=sys.stderr)
@@ -198,17 +204,18 @@ def _run(f, prog, kw):
     except OSError as e:
         if e.errno not in _OS_FIX: raise
         _die(prog, f"{e.filename or ''}: {_OS_FIX[e.errno]}".lstrip(': '))
-    except KeyboardInterrupt: _die(prog, 'interrupted; finished work is kept (rerun to resume)', 130)
+    except KeyboardInterrupt: _die(prog, _INTERRUPTED, 130)
 
 # %% ../nbs/00_core.ipynb #1c20f90d
 def script(f):
-    "Make `f` a console script: flags from its docments and `Settings` fields, checked numbers, one-line errors"
+    "Make `f` a console script: flags from docments and `Settings` fields, checked numbers and device, one-line errors"
     @functools.wraps(f)
     def _f(argv=None):
         p, groups = _parser(f)
         kw = vars(p.parse_args(argv))
         try:
             for k, v in kw.items(): check_param(k, v, '--')
+            if kw.get('device') not in (None, '', 'auto'): get_device(kw['device'])   # unknown name, or no such GPU
             for name, cls in groups.items(): kw[name] = cls.of({k: kw.pop(k) for k in cls.names()})
         except GLRError as e: _die(f.__name__, e)
         res = _run(f, f.__name__, kw)
@@ -234,12 +241,27 @@ def result_dir(path=None  # explicit folder; else `$GLR_RESULT_DIR`
     p.mkdir(parents=True, exist_ok=True)
     return p
 
+# %% ../nbs/00_core.ipynb #238bb8ec
+def csv_line(path,  # a CSV file with a header line
+             row:int  # 0-based data row, as pandas numbers it
+            )->int:
+    "The line where data row `row` of CSV `path` starts (blank lines skipped, as pandas does); else `row + 2`"
+    import csv
+    if not Path(path).is_file(): return row + 2
+    with open(path, newline='', errors='replace') as f:
+        rd, k, start = csv.reader(f), -1, 1
+        for rec in rd:
+            if rec and k == row: return start
+            k += bool(rec)
+            start = rd.line_num + 1
+    return start
+
 # %% ../nbs/00_core.ipynb #c1d91bcb
 HEX_ID = re.compile(r'^[0-9a-f]{16}$')
 
 def check_ids(ids,        # sequence or pandas Series of image ids
-              source='',  # file name for the message
-              first_line=2  # line number of the first id in `source` (after a header)
+              source='',  # the CSV file they were read from (its line is named), or a word for the message
+              first_line=2  # line number of the first id when `source` is not a file
              ):
     "Raise `GLRError` naming the line of the first id that is not 16 lowercase hex characters"
     import pandas as pd
@@ -247,7 +269,8 @@ def check_ids(ids,        # sequence or pandas Series of image ids
     bad = ~s.str.fullmatch(HEX_ID.pattern[1:-1])
     if bad.any():
         i = int(np.flatnonzero(bad.to_numpy())[0])
-        raise GLRError(f"{source or 'ids'}: line {i+first_line}: invalid image id {s.iloc[i]!r} "
+        line = csv_line(source, i) if source and Path(source).is_file() else i + first_line
+        raise GLRError(f"{source or 'ids'}: line {line}: invalid image id {s.iloc[i]!r} "
                        "(expected 16 lowercase hex characters); fix or remove that row")
     return ids
 
@@ -280,6 +303,10 @@ def _umask()->int:
     os.umask(m)
     return m
 
+def _named(e:OSError, path)->OSError:
+    "`e` with `path` as its file name when it has none (a failed write or fsync names nothing)"
+    return e if e.filename else OSError(e.errno, e.strerror, str(path))
+
 @contextlib.contextmanager
 def atomic_write(path,       # final file name
                  mode='wb'   # 'wb' or 'w'
@@ -288,7 +315,8 @@ def atomic_write(path,       # final file name
     path = Path(path)
     if path.is_dir(): raise GLRError(f"{path}: is a folder; pass a file name")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    try: fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    except OSError as e: raise OSError(e.errno, e.strerror, str(path.parent)) from None
     try:
         with os.fdopen(fd, mode) as f:
             yield f
@@ -296,8 +324,9 @@ def atomic_write(path,       # final file name
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError): os.unlink(tmp)
+        if isinstance(e, OSError): raise _named(e, path) from None
         raise
 
 # %% ../nbs/00_core.ipynb #1a85ace7
@@ -309,21 +338,123 @@ def save_csv(df, path, **kw):
     "Write a DataFrame to `path` atomically (no index)"
     with atomic_write(path, 'w') as f: df.to_csv(f, index=False, **kw)
 
+# %% ../nbs/00_core.ipynb #0c2e08ad
+def aside_path(path)->Path:
+    "A free sibling name for moving `path` aside: `<path>.old-<time>`, with `-1`, `-2`... when taken"
+    stamp, k = time.strftime('%Y%m%d-%H%M%S'), 0
+    while (p := Path(f"{path}.old-{stamp}" + (f'-{k}' if k else ''))).exists(): k += 1
+    return p
+
+def _exchange(a, b)->bool:
+    "Swap two existing paths in one step (Linux `renameat2`, RENAME_EXCHANGE); False where that is unavailable"
+    import ctypes
+    try: f = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError): return False
+    if f(-100, os.fsencode(a), -100, os.fsencode(b), 2) == 0: return True     # AT_FDCWD, RENAME_EXCHANGE
+    e = ctypes.get_errno()
+    if e in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP): return False
+    raise OSError(e, os.strerror(e), str(b))
+
+def _switch(tmp:Path, path:Path)->Path|None:
+    "Put folder `tmp` at `path`; where the folder it replaced now is, or None"
+    if not path.exists():
+        os.rename(tmp, path)
+        return None
+    if _exchange(tmp, path): return tmp
+    old = aside_path(path)
+    os.rename(path, old)
+    os.rename(tmp, path)
+    return old
+
+# %% ../nbs/00_core.ipynb #3b4a846b
+@contextlib.contextmanager
+def atomic_dir(path,            # the folder to create or replace
+               keep_old=False): # keep the replaced folder as `<path>.old-<time>` (else it is deleted)
+    "A temporary sibling folder to fill, switched in for `path` in one step when the block succeeds"
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise GLRError(f"{path}: a file is in the way where a folder is needed; move it or choose another path")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for p in path.parent.glob(f'.{glob.escape(path.name)}.*.tmp'): shutil.rmtree(p, ignore_errors=True)
+    try: tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp'))
+    except OSError as e: raise _named(e, path.parent) from None
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
+        old = _switch(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None and keep_old:
+        dest = aside_path(path)
+        os.rename(old, dest)
+        get_logger().warning(f"{path}: the folder it replaced is kept as {dest}")
+    elif old is not None: shutil.rmtree(old, ignore_errors=True)
+
+# %% ../nbs/00_core.ipynb #01f5b547
+def reserve(path,        # file to allocate (created if missing)
+            nbytes:int): # bytes it must hold
+    "Allocate `nbytes` of disk for file `path` now: a full disk raises ENOSPC here, not a SIGBUS in a memory map later"
+    path = Path(path)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        if nbytes - os.fstat(fd).st_blocks * 512 > shutil.disk_usage(path.parent).free:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        if hasattr(os, 'posix_fallocate'): os.posix_fallocate(fd, 0, nbytes)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL): raise _named(e, path) from None
+    finally: os.close(fd)
+
 # %% ../nbs/00_core.ipynb #74690d59
+class _Writes:
+    "A binary file whose failed write keeps its `OSError` (torch.save turns it into a vague RuntimeError)"
+    def __init__(self, f): self.f, self.error = f, None
+    def write(self, b):
+        try: return self.f.write(b)
+        except OSError as e:
+            self.error = e
+            raise
+    def flush(self): return self.f.flush()
+
 def save_checkpoint(obj, path):
     "Atomically `torch.save` a dict of tensors and plain values to `path`"
     import torch
-    with atomic_write(path, 'wb') as f: torch.save(obj, f)
+    with atomic_write(path, 'wb') as f:
+        w = _Writes(f)
+        try: torch.save(obj, w)
+        except RuntimeError:
+            if w.error is None: raise
+            raise w.error from None
 
-def load_checkpoint(path, map_location='cpu'):
-    "Load a checkpoint with `weights_only=True`; a missing, corrupt or unsafe file raises `GLRError`"
+# %% ../nbs/00_core.ipynb #56a3ec10
+_CKPT_FIELDS = {'state_dict': (dict, 'a dict of tensors'), 'epoch': ((int, float), 'a number'),
+                'arch': (str, 'a string'), 'num_classes': (int, 'an integer')}
+
+def _check_fields(ck, path, need):
+    "`GLRError` when checkpoint `ck` is not a dict, lacks a `need`ed key, or has a known field of the wrong type"
+    import torch
+    fix = 'pass a checkpoint written by glr_train'
+    if not isinstance(ck, dict): raise GLRError(f"{path}: holds a {type(ck).__name__}, not a checkpoint dict; {fix}")
+    miss = [k for k in need if k not in ck]
+    if miss: raise GLRError(f"{path}: not a glr_nb checkpoint (no {', '.join(miss)}); {fix}")
+    for k, (t, what) in _CKPT_FIELDS.items():
+        v = ck.get(k)
+        ok = isinstance(v, t) and not isinstance(v, bool)
+        if k == 'state_dict' and ok: ok = bool(v) and all(torch.is_tensor(x) for x in v.values())
+        if k in ck and not ok: raise GLRError(f"{path}: its {k} is not {what}; the file is damaged or foreign; {fix}")
+
+def load_checkpoint(path, map_location='cpu',
+                    need=()):  # keys the caller needs, e.g. ('state_dict', 'epoch')
+    "Load a checkpoint dict with `weights_only=True`; a missing, corrupt, unsafe or ill-shaped file raises `GLRError`"
     import torch
     path = Path(path)
     if not path.is_file(): raise GLRError(f"{path}: checkpoint not found; check the path")
-    try: return torch.load(path, map_location=map_location, weights_only=True)
+    try: ck = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         raise GLRError(f"{path}: cannot load as a weights-only checkpoint ({type(e).__name__}: "
                        f"{str(e).splitlines()[0][:200] if str(e) else ''}); re-create or re-download it") from None
+    _check_fields(ck, path, need)
+    return ck
 
 # %% ../nbs/00_core.ipynb #41205385
 def set_seed(seed=0):

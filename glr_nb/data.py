@@ -4,19 +4,20 @@
 
 # %% ../nbs/01_data.ipynb #1c7e5eff
 from __future__ import annotations
-import os, sys, io, json, time, math, tempfile, subprocess, resource
+import os, sys, io, json, time, math, inspect, tempfile, subprocess, resource
 from pathlib import Path
 import numpy as np, pandas as pd
 from PIL import Image
 import glr_nb.core as core
-from .core import GLRError, HEX_ID, check_ids, script, get_logger, save_csv
+from .core import GLRError, HEX_ID, check_ids, csv_line, script, get_logger, save_csv, save_json, atomic_dir
+from .core import file_digest
 from . import demo_data
 
 # %% auto #0
-__all__ = ['make_demo_dataset', 'DEMO_SIZES', 'read_gld_csv', 'read_train', 'read_train_clean', 'read_ids',
+__all__ = ['make_demo_dataset', 'DEMO_SIZES', 'SPLIT_FILES', 'read_gld_csv', 'read_train', 'read_train_clean', 'read_ids',
            'read_recognition_solution', 'read_retrieval_solution', 'read_sample_submission', 'image_path',
-           'image_paths', 'split_v2c', 'split_v2x', 'nonlandmark_pool', 'validation_set', 'make_splits', 'glr_split',
-           'synth_gld', 'bench_split']
+           'image_paths', 'split_v2c', 'split_v2x', 'nonlandmark_pool', 'validation_set', 'make_splits', 'split_ready',
+           'glr_split', 'synth_gld', 'bench_split']
 
 # %% ../nbs/01_data.ipynb #210c0624
 make_demo_dataset, DEMO_SIZES = demo_data.make_demo_dataset, demo_data.DEMO_SIZES
@@ -27,13 +28,14 @@ def _bad_int_line(path, col, usecols):
     v = pd.to_numeric(s, errors='coerce')
     bad = v.isna() | (v != v.round()) | (v.abs() > np.iinfo(np.int32).max)
     i = int(np.flatnonzero(bad.to_numpy())[0]) if bad.any() else 0
-    return i + 2, s.iloc[i] if len(s) else ''
+    return csv_line(path, i), s.iloc[i] if len(s) else ''
 
 def read_gld_csv(path,          # a GLDv2 CSV file
                  cols,          # {column: dtype} that must be present ('int32', str, ...)
                  check_id=True):  # validate the `id` column (16 lowercase hex)
     "Read `cols` of a GLDv2 CSV with compact dtypes; any problem -> `GLRError` naming file, line and fix"
     path = Path(path)
+    if path.is_dir(): raise GLRError(f"{path}: is a folder where a CSV file is needed; pass the file")
     if not path.is_file(): raise GLRError(f"{path}: file not found; check DATA_DIR (raw/ holds the GLDv2 CSVs)")
     try: head = list(pd.read_csv(path, nrows=0).columns)
     except Exception as e: raise GLRError(f"{path}: cannot read as CSV ({type(e).__name__}: {e}); re-download the file") from None
@@ -98,20 +100,39 @@ def image_paths(img_dir,     # an images/{train,test,index} folder
     if _is_flat(d, s.iloc[0]): return (pre + s + '.jpg').to_numpy()
     return (pre + s.str[0] + os.sep + s.str[1] + os.sep + s.str[2] + os.sep + s + '.jpg').to_numpy()
 
+# %% ../nbs/01_data.ipynb #8048c641
+def _once(ids, row, path):
+    "`(ids, row)` with each image once: refused when one is in two rows, warned when one repeats within its row"
+    rep = pd.Series(ids).duplicated().to_numpy()
+    if not rep.any(): return ids, row
+    pairs = pd.DataFrame(dict(id=ids, row=row)).drop_duplicates()
+    two = pairs.id.duplicated(keep=False).to_numpy()
+    if two.any():
+        x = pairs.id[two].iloc[0]
+        r = pairs.row[pairs.id == x].to_numpy()
+        raise GLRError(f"{path}: image {x} is in two classes (lines {csv_line(path, r[0])} and {csv_line(path, r[1])}; "
+                       f"{pairs.id[two].nunique()} such images): keep each image in one row")
+    get_logger('glr_nb.data').warning(f"{path}: {int(rep.sum())} image(s) listed twice in their row (first on line "
+                                      f"{csv_line(path, row[np.flatnonzero(rep)[0]])}); each is used once")
+    return ids[~rep], row[~rep]
+
 # %% ../nbs/01_data.ipynb #dc26b793
 def _explode(tc, path):
-    "One row per image of train_clean: (ids, row index); ids validated, naming the CSV line"
+    "One row per image of train_clean: (ids, row index); ids validated and listed once, lines named"
+    if not len(tc): raise GLRError(f"{path}: no rows after the header; re-download train_clean.csv")
     n = tc.images.str.count(' ').to_numpy() + 1
     empty = (tc.images.str.strip() == '').to_numpy()
-    if empty.any(): raise GLRError(f"{path}: line {int(np.flatnonzero(empty)[0]) + 2}: no images; remove that row")
+    if empty.any():
+        raise GLRError(f"{path}: line {csv_line(path, int(np.flatnonzero(empty)[0]))}: no images; remove that row")
     ids = np.array(' '.join(tc.images).split(' '), dtype=object)
     if len(ids) != n.sum(): raise GLRError(f"{path}: images must be separated by single spaces; fix the file")
     row = np.repeat(np.arange(len(tc)), n)
     bad = ~pd.Series(ids).str.fullmatch(r'[0-9a-f]{16}').to_numpy()
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise GLRError(f"{path}: line {row[i] + 2}: invalid image id {ids[i]!r} (expected 16 lowercase hex); fix that row")
-    return ids, row
+        raise GLRError(f"{path}: line {csv_line(path, row[i])}: invalid image id {ids[i]!r} "
+                       "(expected 16 lowercase hex); fix that row")
+    return _once(ids, row, path)
 
 # %% ../nbs/01_data.ipynb #ec32f815
 def split_v2c(tc,              # train_clean DataFrame (landmark_id, images)
@@ -199,19 +220,77 @@ def validation_set(t20,        # train2020: every v2c image (id, landmark_id = l
     cols = ['id', 'subset', 'landmark_id', 'landmarks']
     return q[cols], ix[cols].reset_index(drop=True), gal.reset_index(drop=True)
 
+# %% ../nbs/01_data.ipynb #84bccf34
+def _check_train(train, path)->pd.DataFrame:
+    "train.csv as a split uses it: refused when empty or when an image is under two landmarks; repeated rows dropped"
+    if not len(train): raise GLRError(f"{path}: no rows after the header; re-download train.csv")
+    u = train.drop_duplicates()
+    two = u.id.duplicated(keep=False).to_numpy()
+    if two.any():
+        x = u.id[two].iloc[0]
+        r = np.flatnonzero((train.id == x).to_numpy())
+        lm = train.landmark_id.to_numpy()[r]
+        j = r[np.flatnonzero(lm != lm[0])[0]]
+        raise GLRError(f"{path}: image {x} is under landmark {lm[0]} (line {csv_line(path, r[0])}) and "
+                       f"{train.landmark_id.iloc[j]} (line {csv_line(path, j)}); {u.id[two].nunique()} such images: "
+                       "an image in two classes makes the split wrong; keep one row of each")
+    if len(u) < len(train):
+        i = int(np.flatnonzero(train.duplicated().to_numpy())[0])
+        get_logger('glr_nb.data').warning(f"{path}: {len(train) - len(u)} repeated row(s) (same image, same landmark; "
+                                          f"first on line {csv_line(path, i)}); each image is used once")
+    return u.reset_index(drop=True)
+
+# %% ../nbs/01_data.ipynb #a60b0eed
+def _check_clean(t20, train, tc_path, train_path):
+    "train_clean.csv against train.csv: an image under another landmark there is refused, one absent there counted"
+    there = pd.Series(train.landmark_id.to_numpy(), index=train.id.to_numpy()).reindex(t20.id).to_numpy()
+    absent = np.isnan(there)
+    other = ~absent & (there != t20.landmarks.to_numpy())
+    if other.any():
+        i = int(np.flatnonzero(other)[0])
+        x, j = t20.id.iloc[i], int(np.flatnonzero((train.id == t20.id.iloc[i]).to_numpy())[0])
+        raise GLRError(f"{tc_path}: line {csv_line(tc_path, t20.landmark_id.iloc[i])}: image {x} is under landmark "
+                       f"{t20.landmarks.iloc[i]} here and {int(there[i])} in {train_path} "
+                       f"(line {csv_line(train_path, j)}); "
+                       f"{int(other.sum())} such images: an image in two classes makes the split wrong; fix one file")
+    if absent.any():
+        get_logger('glr_nb.data').warning(f"{tc_path}: {int(absent.sum())} image(s) are not in {train_path} (e.g. "
+                                          f"{t20.id[absent].iloc[0]}); v2c keeps them, v2x lacks them")
+
 # %% ../nbs/01_data.ipynb #73595ccb
+SPLIT_FILES = ('train2020.csv', 'v2c/random_train_cv0.csv', 'v2c/random_valid_cv0.csv', 'v2x/random_train_cv0.csv',
+               'v2x/random_valid_cv0.csv', 'val/query.csv', 'val/index.csv', 'nonlandmark.csv', 'split.json')
+_SPLIT_INPUTS = ('train_clean.csv', 'train.csv', 'test.csv', 'recognition_solution_v2.1.csv')
+
+def _inputs_digest(raw)->dict:
+    "file -> digest of the raw files a split is made from (those present)"
+    return {f: file_digest(raw/f) for f in _SPLIT_INPUTS if (raw/f).is_file()}
+
+def _write_split(out, res:dict, args:dict, raw):
+    "Write the split files into a fresh folder switched in for `out`, then `split.json` (last)"
+    theirs = [p for p in out.rglob('*') if p.is_file() and str(p.relative_to(out)) not in SPLIT_FILES]
+    with atomic_dir(out, keep_old=bool(theirs)) as tmp:
+        for k, v in res.items(): save_csv(v, tmp/k)
+        rows = {k: len(v) for k, v in res.items()}
+        save_json(dict(args=args, inputs=_inputs_digest(raw), rows=rows), tmp/'split.json')
+
+# %% ../nbs/01_data.ipynb #9b1d9b49
 def make_splits(data_dir,         # DATA_DIR holding raw/
                 seed=0,           # seed of the v2c validation draw
                 n_valid=200,      # v2c validation images
                 min_images=200,   # classes with fewer images stay in train
                 valid_num=20000,  # stacker validation queries (the reference's 20,000)
                 n_gallery=5000):  # non-landmark gallery size (the reference's 5,000)
-    "Write DATA_DIR/split/ (train2020, v2c, v2x, nonlandmark, val/{query,index}); return {file: rows}"
+    "Write DATA_DIR/split/ (train2020, v2c, v2x, nonlandmark, val/{query,index}, split.json); return {file: rows}"
     d = Path(data_dir); raw, out = d/'raw', d/'split'; log = get_logger('glr_nb.data')
+    args = dict(seed=seed, n_valid=n_valid, min_images=min_images, valid_num=valid_num, n_gallery=n_gallery)
     tc = read_train_clean(raw/'train_clean.csv')
-    if not tc.landmark_id.is_unique: raise GLRError(f"{raw/'train_clean.csv'}: landmark ids repeat; one row per landmark")
+    rep = np.flatnonzero(tc.landmark_id.duplicated().to_numpy())
+    if len(rep): raise GLRError(f"{raw/'train_clean.csv'}: line {csv_line(raw/'train_clean.csv', rep[0])}: landmark id "
+                                "repeats an earlier row; one row per landmark")
     t20, trn, val = split_v2c(tc, seed, n_valid, min_images, raw/'train_clean.csv')
-    train = read_train(raw/'train.csv')
+    train = _check_train(read_train(raw/'train.csv'), raw/'train.csv')
+    _check_clean(t20, train, raw/'train_clean.csv', raw/'train.csv')
     v2x = split_v2x(train, tc, val)
     res = {'train2020.csv': t20, 'v2c/random_train_cv0.csv': trn, 'v2c/random_valid_cv0.csv': val,
            'v2x/random_train_cv0.csv': v2x, 'v2x/random_valid_cv0.csv': val}
@@ -228,9 +307,22 @@ def make_splits(data_dir,         # DATA_DIR holding raw/
         log.warning(f"{raw/'recognition_solution_v2.1.csv'} not found: no validation set; gallery from train.csv only")
         pool = nonlandmark_pool(None, test_ids, train, tc)
         res['nonlandmark.csv'] = _sample(pool, n_gallery, 'gallery images').reset_index(drop=True)
-    for k, v in res.items(): save_csv(v, out/k)
+    _write_split(out, res, args, raw)
     log.info(f"split written to {out}: " + ', '.join(f'{k} {len(v)}' for k, v in res.items()))
     return {k: len(v) for k, v in res.items()}
+
+# %% ../nbs/01_data.ipynb #79cb0ef3
+def split_ready(data_dir,  # DATA_DIR
+                **args     # `make_splits` arguments (the others at their defaults)
+               )->bool:
+    "Whether DATA_DIR/split holds a finished split of the current raw/ files, made with these arguments"
+    d = Path(data_dir)
+    try: m = json.loads((d/'split'/'split.json').read_text())
+    except (OSError, ValueError): return False
+    want = inspect.signature(make_splits).bind(d, **args)
+    want.apply_defaults()
+    return isinstance(m, dict) and m.get('args') == dict(list(want.arguments.items())[1:]) and \
+        m.get('inputs') == _inputs_digest(d/'raw')
 
 # %% ../nbs/01_data.ipynb #a64ee3ed
 @script

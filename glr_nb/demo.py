@@ -59,13 +59,14 @@ def demo_data(data_dir,         # folder of the demo dataset
               seed=0,           # seed of the data and the splits
               demo_sizes:dict=None,  # overrides of the demo dataset's sizes (tests use smaller ones)
               valid_num=DEMO['valid_num'], n_gallery=DEMO['n_gallery'], log=None)->Path:
-    "Build the demo dataset and its splits under `data_dir` unless they are there"
-    from glr_nb.data import make_demo_dataset, make_splits
-    data, log = Path(data_dir), log or get_logger('glr_demo')
-    if not (data/'raw'/'train.csv').is_file():
+    "Build the demo dataset and its splits under `data_dir` unless finished ones of these arguments are there"
+    from glr_nb.data import make_demo_dataset, make_splits, split_ready
+    from glr_nb.demo_data import demo_complete
+    data, log, sizes = Path(data_dir), log or get_logger('glr_demo'), demo_sizes or {}
+    if not demo_complete(data, seed, **sizes):     # a build killed midway left nothing; another seed or size is rebuilt
         log.info(f'building the demo dataset in {data}')
-        make_demo_dataset(data, seed=seed, **(demo_sizes or {}))
-    if not (data/'split'/'val'/'query.csv').is_file():
+        make_demo_dataset(data, seed=seed, **sizes)
+    if not split_ready(data, seed=seed, valid_num=valid_num, n_gallery=n_gallery):
         log.info('writing the splits')
         make_splits(data, seed=seed, valid_num=valid_num, n_gallery=n_gallery)
     return data

@@ -8,11 +8,11 @@ import io, json, math
 from pathlib import Path
 import numpy as np, pandas as pd, cv2
 from PIL import Image
-from .core import GLRError, save_csv, save_json
+from .core import GLRError, save_csv, save_json, atomic_dir
 
 # %% auto #0
 __all__ = ['LANDMARK_PHOTOS', 'NONLANDMARK_PHOTOS', 'DEMO_SIZES', 'load_photo', 'noise_texture', 'facade', 'indoor', 'face',
-           'noise_scene', 'render_view', 'jpeg_bytes', 'make_demo_dataset']
+           'noise_scene', 'render_view', 'jpeg_bytes', 'make_demo_dataset', 'demo_complete']
 
 # %% ../nbs/01b_demo_data.ipynb #e54bbe71
 def _photo_dirs():
@@ -267,27 +267,48 @@ def _write_csvs(raw, plan, clean_lids, rng):
     save_csv(pd.DataFrame(dict(id=q.id, images=imgs, Usage=np.where(imgs == 'None', 'Ignored', q.Usage))), raw/'retrieval_solution_v2.1.csv')
 
 # %% ../nbs/01b_demo_data.ipynb #a2d249e0
-def make_demo_dataset(path,        # DATA_DIR to create (raw/, images/ and demo_meta.json are written)
-                      seed=0,      # everything is a function of this seed
-                      **sizes):    # overrides of `DEMO_SIZES`
-    "Render a small GLDv2-shaped dataset (real layout and CSV formats) under `path`; returns `path`"
-    bad = set(sizes) - set(DEMO_SIZES)
-    if bad: raise GLRError(f"make_demo_dataset: unknown size {sorted(bad)}; known: {sorted(DEMO_SIZES)}")
-    z = {**DEMO_SIZES, **sizes}; path = Path(path)
-    plan, clean_lids, other_lids = _plan(z, seed)
-    bases = _bases(len(clean_lids), 0, seed)
+def _render(root, plan, bases, z, seed)->dict:
+    "Write every image of `plan` under `root`/images; the non-landmark scene kind of each drawn one"
     nl_kind = {}
     for i, r in enumerate(plan.itertuples()):
         rng = np.random.default_rng([seed, 3, i])
         if r.cls >= 0 and r.role != 'other': base = bases[r.cls][1]
         else: nl_kind[r.id], base = _nl_base(rng)
-        f = path/'images'/r.subset/r.id[0]/r.id[1]/r.id[2]/f'{r.id}.jpg'
+        f = root/'images'/r.subset/r.id[0]/r.id[1]/r.id[2]/f'{r.id}.jpg'
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_bytes(jpeg_bytes(render_view(base, rng, z['long_side']), rng.integers(82, 96)))
-    (path/'raw').mkdir(parents=True, exist_ok=True)
-    _write_csvs(path/'raw', plan, clean_lids, np.random.default_rng([seed, 4]))
-    save_json(dict(seed=seed, sizes={k: list(v) if isinstance(v, tuple) else v for k, v in z.items()},
-                   landmarks={**{str(l): bases[c][0] for c, l in enumerate(clean_lids)},
-                              **{str(l): 'nonlandmark scenes' for l in other_lids}},
-                   nonlandmark_kinds=nl_kind), path/'demo_meta.json')
+    return nl_kind
+
+def _sizes(sizes:dict)->dict:
+    "`DEMO_SIZES` with `sizes` applied, as JSON keeps them (tuples as lists); unknown names refused"
+    bad = set(sizes) - set(DEMO_SIZES)
+    if bad: raise GLRError(f"make_demo_dataset: unknown size {sorted(bad)}; known: {sorted(DEMO_SIZES)}")
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in {**DEMO_SIZES, **sizes}.items()}
+
+# %% ../nbs/01b_demo_data.ipynb #720d9e28
+def make_demo_dataset(path,        # DATA_DIR to create (raw/, images/ and demo_meta.json are written)
+                      seed=0,      # everything is a function of this seed
+                      **sizes):    # overrides of `DEMO_SIZES`
+    "Render a small GLDv2-shaped dataset (real layout and CSV formats) aside and switch it in at `path`"
+    z, path = _sizes(sizes), Path(path)
+    if path.is_dir() and any(path.iterdir()) and not (path/'demo_meta.json').is_file():
+        raise GLRError(f"{path}: holds files but no demo dataset (no demo_meta.json); pass an empty or new folder")
+    plan, clean_lids, other_lids = _plan(z, seed)
+    bases = _bases(len(clean_lids), 0, seed)
+    with atomic_dir(path) as tmp:
+        nl_kind = _render(tmp, plan, bases, z, seed)
+        (tmp/'raw').mkdir()
+        _write_csvs(tmp/'raw', plan, clean_lids, np.random.default_rng([seed, 4]))
+        save_json(dict(seed=seed, sizes=z, landmarks={**{str(l): bases[c][0] for c, l in enumerate(clean_lids)},
+                                                      **{str(l): 'nonlandmark scenes' for l in other_lids}},
+                       nonlandmark_kinds=nl_kind), tmp/'demo_meta.json')
     return path
+
+def demo_complete(path,       # a DATA_DIR
+                  seed=0,     # the seed it should have been made with
+                  **sizes     # the sizes it should have (overrides of `DEMO_SIZES`)
+                 )->bool:
+    "Whether `path` holds a finished demo dataset of this seed and these sizes (its demo_meta.json is written last)"
+    try: m = json.loads((Path(path)/'demo_meta.json').read_text())
+    except (OSError, ValueError): return False
+    return isinstance(m, dict) and m.get('seed') == seed and m.get('sizes') == _sizes(sizes)

@@ -25,11 +25,15 @@ BAD_LABEL = -100  # label of a sample whose image is missing or corrupt (extract
 def load_image(path,             # JPEG (or any PIL-readable) file
                size=None,        # target square size: decode at the smallest JPEG scale covering it
                keep_aspect=False):  # target is the long side only
-    "Open an image as RGB PIL, JPEG-decoded at reduced scale when `size` allows"
+    "Open an image as upright RGB PIL (EXIF orientation applied, 16 bits scaled to 8), JPEG-decoded small when it can"
     im = Image.open(path)
     if size is not None and im.format == 'JPEG':
-        w, h = im.size; s = size/max(w, h) if keep_aspect else size/min(w, h)
-        im.draft('RGB', (math.ceil(w*s), math.ceil(h*s)))
+        w, h = im.size
+        s = size/max(w, h) if keep_aspect else size/min(w, h)
+        im.draft('RGB', (math.ceil(w*s), math.ceil(h*s)))    # the short and long sides do not change when turned
+    im = ImageOps.exif_transpose(im)
+    if im.mode.startswith('I'):                     # 16-bit grey (PIL mode I;16 or I): 0..65535 -> 0..255
+        im = Image.fromarray(np.round(np.asarray(im, np.float64) / 257).clip(0, 255).astype(np.uint8))
     return im.convert('RGB')
 
 # %% ../nbs/01c_images.ipynb #89bb0666
@@ -142,7 +146,8 @@ class ImageDataset(torch.utils.data.Dataset):
         if aug is not None and aug not in AUG_VERSIONS:
             raise GLRError(f"unknown augmentation {aug!r}; use 0, 1, 3 or 3b")
         self.size, self.aug, self.train, self.keep_aspect = size, AUG_VERSIONS.get(aug), train, keep_aspect
-        self.n_bad, self._seen, self._by_label = 0, set(), None
+        self.bad = torch.zeros(len(self.paths), dtype=torch.bool).share_memory_()   # seen by every DataLoader worker
+        self._by_label = None
         self.mean = torch.tensor(IMAGENET_MEAN if norm else (0., 0., 0.)).view(3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD if norm else (1., 1., 1.)).view(3, 1, 1)
     def __len__(self): return len(self.paths)
@@ -164,11 +169,16 @@ def _load(self:ImageDataset, i):
 # %% ../nbs/01c_images.ipynb #238e28fd
 @patch
 def _bad(self:ImageDataset, i, e):
-    self.n_bad += 1
-    if self.paths[i] not in self._seen:
-        self._seen.add(self.paths[i])
-        get_logger('glr_nb.data').warning(f"bad image {self.paths[i]} ({type(e).__name__}: {str(e)[:100]}); "
-                                          + ("replaced by another of its class" if self.train else f"returned as zeros with label {BAD_LABEL}"))
+    "Flag image `i` as unreadable (in memory every worker shares) and log it the first time"
+    if self.bad[i]: return
+    self.bad[i] = True
+    what = "replaced by another of its class" if self.train else f"returned as zeros with label {BAD_LABEL}"
+    get_logger('glr_nb.data').warning(f"bad image {self.paths[i]} ({type(e).__name__}: {str(e)[:100]}); {what}")
+
+@patch(as_prop=True)
+def n_bad(self:ImageDataset)->int:
+    "How many distinct images were found missing or unreadable so far, here or in any DataLoader worker"
+    return int(self.bad.sum())
 
 @patch
 def __getitem__(self:ImageDataset, i):

@@ -30,9 +30,9 @@ from .train import TrainSettings, holds_run, take_run_dir, write_run_manifest, f
 __all__ = ['SCHEDULER_LR', 'ToyColours', 'init_distributed', 'end_processes', 'sample_seed', 'ResumableSampler', 'SeededDataset',
            'Clock', 'save_points', 'SavePlan', 'eval_mode', 'embed', 'evaluate', 'RetrievalSet', 'retrieval_set',
            'retrieval_map100', 'ArcFaceInput', 'Autocast', 'lr_at', 'LRSchedule', 'GradAccum', 'SamplerEpoch',
-           'FreezeBN', 'SkipValidation', 'LossLog', 'Validator', 'Checkpointer', 'make_learner', 'Run',
-           'check_settings', 'start_run', 'resume_state', 'split_frames', 'split_datasets', 'Data', 'make_data',
-           'build_model', 'prepare_learner', 'fit_run', 'bench_train']
+           'FreezeBN', 'SkipValidation', 'LossLog', 'BadImages', 'Validator', 'Checkpointer', 'make_learner', 'Run',
+           'check_settings', 'start_run', 'resume_state', 'split_frames', 'usable_images', 'split_datasets', 'Data',
+           'make_data', 'build_model', 'prepare_learner', 'fit_run', 'bench_train']
 
 # %% ../nbs/03a_learner.ipynb #6211b41e
 class ToyColours(Dataset):
@@ -353,6 +353,34 @@ def flush(self:LossLog, ep):
         self.stopped = ep
         raise CancelFitException()
 
+# %% ../nbs/03a_learner.ipynb #3e21bfc8
+class BadImages(Callback):
+    "Stops training in one line once more than `max_bad_frac` of the training images are missing or unreadable"
+    order = 56
+    def __init__(self, ds,              # the training dataset (an `ImageDataset` flags the images it cannot read)
+                 max_bad_frac=0.01,     # the share that stops the run
+                 n_missing=0,           # images already left out because their files are missing or empty
+                 every=50):             # under DDP the processes agree every this many batches (one all_reduce)
+        store_attr('ds,max_bad_frac,n_missing,every')
+        self.stopped, self.batches = False, 0
+    def total(self)->int: return int(getattr(self.ds, 'n_bad', 0)) + self.n_missing
+    def examples(self)->str: return ', '.join(self.ds.paths[self.ds.bad.numpy()][:3]) if hasattr(self.ds, 'bad') else ''
+    def error(self)->str|None:
+        "The line that stops the run, or None while the share is not passed"
+        n, of = self.total(), len(self.ds) + self.n_missing
+        if n <= self.max_bad_frac * of: return None
+        return (f"{n} of {of} training images missing or unreadable ({n / of:.1%}, more than max_bad_frac "
+                f"{self.max_bad_frac:.1%}), e.g. {self.examples()}; restore them or raise --max_bad_frac")
+    def after_batch(self):
+        if not self.training: return
+        self.batches += 1
+        if not _ddp(): self.stopped = self.error() is not None
+        elif self.batches % self.every == 0:                            # every process stops at the same batch
+            t = torch.tensor([float(self.error() is not None)], device=next(self.model.parameters()).device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            self.stopped = bool(t.item())
+        if self.stopped: raise CancelFitException()                    # `fit_run` says why, in one line
+
 # %% ../nbs/03a_learner.ipynb #a20144ab
 class Validator:
     "Scores a model: validation loss, accuracy, leave-one-out GAP, and the official retrieval mAP@100 when it can"
@@ -507,10 +535,8 @@ def resume_state(s:TrainSettings, run:Run)->dict|None:
     if run.resume_from is None:
         if s.resume not in (None, ''): run.log.info(f"resume: no checkpoint in {run.out}; starting fresh")
         return None
-    ck = load_checkpoint(run.resume_from)
-    if 'state_dict' not in ck:
-        raise GLRError(f"{run.resume_from}: not a glr_nb checkpoint (no state_dict); pass one written by glr_train")
-    run.log.info(f"resume from {run.resume_from} (epoch {ck.get('epoch', 0):.2f})")
+    ck = load_checkpoint(run.resume_from, need=('state_dict', 'epoch'))     # where to continue from
+    run.log.info(f"resume from {run.resume_from} (epoch {ck['epoch']:.2f})")
     return ck
 
 # %% ../nbs/03a_learner.ipynb #fe3871b3
@@ -526,17 +552,39 @@ def split_frames(data_dir, split_type='v2c', cv=0)->tuple:
         out.append(df)
     return tuple(out)
 
+def _nonempty(p)->bool:
+    "Whether file `p` is there and holds bytes (one stat)"
+    try: return os.stat(p).st_size > 0
+    except OSError: return False
+
+def usable_images(paths,              # the image files of one set
+                  max_bad_frac=0.01,  # refuse the set when a larger share is missing or empty
+                  what='images'       # the set, for the message (e.g. its split file)
+                 )->np.ndarray:
+    "Mask of the files that are there and not empty; `GLRError` with the count and three examples above `max_bad_frac`"
+    ok = np.array([_nonempty(p) for p in paths], bool)
+    bad = np.flatnonzero(~ok)
+    if len(bad) > max_bad_frac * len(ok):
+        raise GLRError(f"{what}: {len(bad)} of {len(ok)} images missing or empty ({len(bad) / len(ok):.1%}, more than "
+                       f"max_bad_frac {max_bad_frac:.1%}), e.g. {', '.join(str(paths[i]) for i in bad[:3])}; "
+                       "restore them or raise --max_bad_frac")
+    return ok
+
 def split_datasets(data_dir, split_type='v2c', img_size=448, eval_img_size=512, aug_version='1', max_valid=None,
-                   norm=True):
-    "`ImageDataset`s (train with augmentation, the first `max_valid` validation rows without) and the class count"
+                   norm=True, max_bad_frac=0.01)->tuple:
+    "Train (augmented) and validation `ImageDataset`s without missing files, the class count, `(left out of each)`"
     from glr_nb.data import image_paths
     tr, va = split_frames(data_dir, split_type)
     if max_valid: va = va.iloc[:max_valid]
-    img = Path(data_dir)/'images'/'train'
-    tds = ImageDataset(image_paths(img, tr.id), tr.landmark_id.to_numpy(), size=img_size, aug=str(aug_version).lower(),
-                       train=True, norm=norm)
-    vds = ImageDataset(image_paths(img, va.id), va.landmark_id.to_numpy(), size=eval_img_size, norm=norm)
-    return tds, vds, int(max(tr.landmark_id.max(), va.landmark_id.max() if len(va) else -1)) + 1
+    n_cls = int(max(tr.landmark_id.max(), va.landmark_id.max() if len(va) else -1)) + 1
+    img, d, sets = Path(data_dir)/'images'/'train', Path(data_dir)/'split'/split_type, []
+    for df, f in ((tr, d/'random_train_cv0.csv'), (va, d/'random_valid_cv0.csv')):
+        paths = image_paths(img, df.id, f)
+        ok = usable_images(paths, max_bad_frac, f)
+        sets.append((paths[ok], df.landmark_id.to_numpy()[ok], int((~ok).sum())))
+    tds = ImageDataset(*sets[0][:2], size=img_size, aug=str(aug_version).lower(), train=True, norm=norm)
+    vds = ImageDataset(*sets[1][:2], size=eval_img_size, norm=norm)
+    return tds, vds, n_cls, (sets[0][2], sets[1][2])
 
 # %% ../nbs/03a_learner.ipynb #3b87aa43
 @dataclasses.dataclass
@@ -546,22 +594,28 @@ class Data:
     valid_ds: Dataset|None
     num_classes: int
     retrieval: RetrievalSet|None   # the official retrieval validation set, when its files are there
+    n_missing: int = 0             # training images left out because their files are missing or empty
 
 def make_data(s:TrainSettings, run:Run, train_ds=None, valid_ds=None)->Data:
     "The split's datasets (or those passed in), the class count, and the retrieval set that `select_by` needs"
-    d, n = (_data_dir(s.data_dir) if train_ds is None or s.data_dir else None), None
+    d, n, miss = (_data_dir(s.data_dir) if train_ds is None or s.data_dir else None), None, (0, 0)
     if train_ds is None:
-        train_ds, vds, n = split_datasets(d, s.split_type, s.img_size, s.eval_img_size, s.aug_version, s.max_valid,
-                                          s.preprocessing == 1)
+        train_ds, vds, n, miss = split_datasets(d, s.split_type, s.img_size, s.eval_img_size, s.aug_version,
+                                                s.max_valid, s.preprocessing == 1, s.max_bad_frac)
         valid_ds = vds if valid_ds is None else valid_ds
+    for k, what in zip(miss, ('training', 'validation')):
+        if k: run.log.warning(f"{k} {what} image(s) missing or empty: left out (max_bad_frac {s.max_bad_frac})")
     if not (s.num_classes or n): raise GLRError("num_classes is required when datasets are passed in")
+    if s.num_classes and n and s.num_classes < n:
+        raise GLRError(f"--num_classes {s.num_classes} is smaller than the split's {n} classes (labels 0..{n - 1}); "
+                       "raise it or leave it out")
     rs = retrieval_set(d, s.retrieval_queries) if d is not None and s.select_by != 'gap' else None
     if s.select_by == 'map100' and rs is None:
         raise GLRError(f"{d}: --select_by map100 needs raw/retrieval_solution_v2.1.csv, images/test and images/index; "
                        "add them or use --select_by gap")
     by = f'retrieval mAP@100 on {len(rs.query_ids)} Private queries' if rs else 'leave-one-out GAP'
     run.log.info(f"final.pth by {by}")
-    return Data(train_ds, valid_ds, s.num_classes or n, rs)
+    return Data(train_ds, valid_ds, s.num_classes or n, rs, miss[0])
 
 # %% ../nbs/03a_learner.ipynb #b69f9d9a
 def build_model(s:TrainSettings, run:Run, num_classes:int, ck=None)->tuple:
@@ -643,7 +697,8 @@ def prepare_learner(s:TrainSettings, run:Run, raw, model, data:Data, ck=None)->L
     saver = Checkpointer(raw=raw, clock=clock, plan=plan, validator=val, loss_log=loss_log, scaler=scaler,
                          sampler=sampler, best=best, rows=rows, rank=run.rank, world=run.world, logger=run.log)
     cbs = [ArcFaceInput(run.channels_last), SamplerEpoch(sampler, clock, s.batch_size),
-           LRSchedule(s.scheduler, lr, s.epochs, clock), GradAccum(s.accum, clock), loss_log, saver]
+           LRSchedule(s.scheduler, lr, s.epochs, clock), GradAccum(s.accum, clock), loss_log, saver,
+           BadImages(data.train_ds, s.max_bad_frac, data.n_missing)]
     cbs += [Autocast(run.amp_dtype, scaler)] if run.amp_dtype is not None else []
     cbs += [FreezeBN()] if s.freeze_bn else []
     learn = make_learner(model, raw, data.train_ds, s.batch_size, sampler, run.device, val.eval_kw['loss_func'], cbs,
@@ -667,9 +722,15 @@ def fit_run(s:TrainSettings, run:Run, learn:Learner):
         raise GLRError(f"training loss is not finite (NaN or inf) at epoch {learn.loss_log.stopped:.2f}: stopped "
                        f"before saving it; earlier checkpoints are kept in {run.out}; lower --lr, try --amp none, "
                        "or check the data")
+    bad = learn.bad_images
+    if bad.stopped or bad.error():
+        raise GLRError(bad.error() or "another process found too many missing or unreadable images; see rank 0")
+    if bad.total(): run.log.warning(f"{bad.total()} training image(s) missing or unreadable: left out or replaced by "
+                                    f"others of their class{', e.g. ' + bad.examples() if bad.examples() else ''}")
     if run.rank == 0:
         write_run_manifest(run.out, s, complete=True, epoch=s.epochs, best_epoch=ck.best[0], best_score=ck.best[1],
-                           metric=ck.validator.metric, final='final.pth' if (run.out/'final.pth').is_file() else None)
+                           metric=ck.validator.metric, final='final.pth' if (run.out/'final.pth').is_file() else None,
+                           bad_images=bad.total())
     if _ddp(): dist.barrier()
 
 # %% ../nbs/03a_learner.ipynb #a2641b72

@@ -7,7 +7,7 @@ from __future__ import annotations
 import io, math
 from pathlib import Path
 import numpy as np, pandas as pd
-from .core import GLRError, script
+from .core import GLRError, script, csv_line
 from .data import read_gld_csv
 
 # %% auto #0
@@ -54,7 +54,7 @@ def _read_csv(path, cols):
     dup = df['id'].duplicated()
     if dup.any():
         i = int(np.flatnonzero(dup.to_numpy())[0])
-        raise GLRError(f"{path}: line {i+2}: repeated id {df['id'].iloc[i]}; keep one row per id")
+        raise GLRError(f"{path}: line {csv_line(path, i)}: repeated id {df['id'].iloc[i]}; keep one row per id")
     return df
 
 # %% ../nbs/07_metrics.ipynb #eab63dd0
@@ -66,7 +66,7 @@ def read_solution_df(path)->pd.DataFrame:
     bad = ~flat.str.fullmatch(r'\d+')
     if bad.any():
         i = bad.index[np.flatnonzero(bad.to_numpy())[0]]
-        raise GLRError(f"{path}: line {i+2}: landmark {flat[bad].iloc[0]!r} is not an integer id")
+        raise GLRError(f"{path}: line {csv_line(path, i)}: landmark {flat[bad].iloc[0]!r} is not an integer id")
     df['landmarks'] = [list(map(int, t)) for t in toks]
     return df
 
@@ -92,7 +92,8 @@ def read_submission(path)->dict:
     if parts.shape[1] > 2: bad |= parts[2].notna()
     if bad.any():
         i = bad.index[np.flatnonzero(bad.to_numpy())[0]]
-        raise GLRError(f"{path}: line {i+2}: landmarks {df.loc[i, 'landmarks']!r} is not '<landmark_id> <score>' "
+        raise GLRError(f"{path}: line {csv_line(path, i)}: landmarks {df.loc[i, 'landmarks']!r} is not "
+                       "'<landmark_id> <score>' "
                        "with a finite score")
     return dict(zip(df['id'], zip(parts[0].astype(int).tolist(), score.astype(float).tolist())))
 
@@ -103,6 +104,9 @@ def score_files(submission, solution, usage=None)->dict:
     unknown = set(sub) - set(sol_df['id'])
     if unknown: raise GLRError(f"{submission}: id {sorted(unknown)[0]} is not in {solution} "
                                f"({len(unknown)} unknown ids); is it the right solution file?")
+    if usage is not None and usage not in set(sol_df['Usage']) - {'Ignored'}:
+        raise GLRError(f"--usage {usage!r}: {solution} has no such rows; use one of "
+                       f"{', '.join(sorted(set(sol_df['Usage']) - {'Ignored'}))} or leave --usage out")
     sol = read_solution(solution, usage)
     lm = [i for i, v in sol.items() if v]
     top1 = float(np.mean([i in sub and sub[i][0] in sol[i] for i in lm])) if lm else 0.

@@ -270,12 +270,13 @@ def checkpoint_dict(model:GLRNet, **extra)->dict:
 def load_model(ckpt_path,      # a `{epoch}.pth` / `final.pth` checkpoint
                device='cpu'):  # where to put the model
     "Rebuild a `GLRNet` from a checkpoint alone, in eval mode"
-    ck = load_checkpoint(ckpt_path)
-    miss = [k for k in ('state_dict', 'arch', 'num_classes') if k not in ck]
-    if miss: raise GLRError(f"{ckpt_path}: not a glr_nb checkpoint (missing {', '.join(miss)}); train with glr_train")
+    ck = load_checkpoint(ckpt_path, need=('state_dict', 'arch', 'num_classes'))
     cfg = dict(ck.get('model_cfg') or {})
     cfg.update(arch=ck['arch'], num_classes=ck['num_classes'])
     cfg.setdefault('emb_dim', ck.get('emb_dim', 512))
     net = create_model(**cfg)
-    net.load_state_dict(_strip(ck['state_dict']))
+    try: net.load_state_dict(_strip(ck['state_dict']))
+    except RuntimeError as e:       # weights of another architecture or class count under this one's name
+        raise GLRError(f"{ckpt_path}: its weights do not fit {ck['arch']} with {ck['num_classes']} classes "
+                       f"({str(e).splitlines()[-1].strip()[:150]}); the file is damaged or foreign") from None
     return net.to(device).eval()

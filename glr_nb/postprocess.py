@@ -8,7 +8,7 @@ import json, time
 from pathlib import Path
 import numpy as np, pandas as pd
 import lightgbm as lgb
-from .core import GLRError, atomic_write, save_json
+from .core import GLRError, atomic_dir, save_json
 from .metrics import global_average_precision
 from .retrieval import CandList, merge_lists, vote
 
@@ -287,17 +287,17 @@ def save_stacker(st:Stacker, # trained stacker
                  path,       # folder to write (created)
                  key=None    # anything JSON that identifies the training inputs (checked by `load_stacker`)
                 )->Path:
-    "Write `st` to folder `path`: LightGBM text models + `stacker.json`; return the path"
+    "Write `st` to folder `path` (LightGBM text models, `stacker.json` last), built aside and switched in whole"
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    if path.is_dir() and any(path.iterdir()) and not (path/'stacker.json').is_file():
+        raise GLRError(f"{path}: holds files but no stacker (no stacker.json); pass an empty or new folder")
     files = [[f'model_{m}_{f}.txt' for f in range(len(bs))] for m, bs in enumerate(st.boosters)]
-    for bs, fs in zip(st.boosters, files):
-        for b, f in zip(bs, fs):
-            with atomic_write(path/f, 'w') as fh: fh.write(b.model_to_string())
-    if getattr(st, 'oof', None) is not None:
-        with atomic_write(path/'oof.npy') as fh: np.save(fh, st.oof, allow_pickle=False)
-    save_json(dict(format='glr_nb.stacker/2', top_k=st.top_k, plans=st.plans, models=files, info=st.info, key=key),
-              path/'stacker.json')
+    with atomic_dir(path) as tmp:     # a save killed midway never leaves new models beside an old stacker.json
+        for bs, fs in zip(st.boosters, files):
+            for b, f in zip(bs, fs): (tmp/f).write_text(b.model_to_string())
+        if getattr(st, 'oof', None) is not None: np.save(tmp/'oof.npy', st.oof, allow_pickle=False)
+        save_json(dict(format='glr_nb.stacker/2', top_k=st.top_k, plans=st.plans, models=files, info=st.info, key=key),
+                  tmp/'stacker.json')
     return path
 
 def load_stacker(path,       # folder written by `save_stacker`

@@ -687,7 +687,9 @@ def draw_matches(img0, img1,            # two images (arrays, or paths)
                  ax=None, title=None):
     "Plot two images side by side with lines between matched points; returns the axes"
     import matplotlib.pyplot as plt
-    im = [np.asarray(Image.open(i).convert('RGB')) if isinstance(i, (str, Path)) else np.asarray(i) for i in (img0, img1)]
+    from PIL import ImageOps                # pictures upright (EXIF), as cv2.imread read the matched points
+    im = [np.asarray(ImageOps.exif_transpose(Image.open(i)).convert('RGB')) if isinstance(i, (str, Path))
+          else np.asarray(i) for i in (img0, img1)]
     im = [np.repeat(i[..., None], 3, 2) if i.ndim == 2 else i for i in im]
     h = max(i.shape[0] for i in im); w0 = im[0].shape[1]
     canvas = np.zeros((h, w0 + im[1].shape[1], 3), im[0].dtype)

@@ -418,10 +418,14 @@ def plot_gallery(cands:pd.DataFrame,  # candidates table
 def image_set(data_dir, name:str)->pd.DataFrame:
     "DataFrame id, path (+ label, landmarks where known) of a named image set (or a split CSV) of a GLDv2 data folder"
     from glr_nb.data import image_paths
+    from glr_nb.core import check_ids
     d = Path(data_dir)
     def _csv(p, **kw):
         if not p.is_file(): raise GLRError(f"{p}: not found; run glr_split --data-dir {d} first" if 'split' in p.parts else f"{p}: not found")
-        return pd.read_csv(p, dtype={'id': str}, keep_default_na=False, **kw)
+        df = pd.read_csv(p, dtype={'id': str}, keep_default_na=False, **kw)
+        if 'id' not in df.columns: raise GLRError(f"{p}: line 1: no id column; re-run glr_split or re-download it")
+        check_ids(df['id'], p)                          # a bad id is named with its file and line
+        return df
     if name == 'test': df = _csv(d/'raw'/'test.csv')[['id']].assign(subset='test')
     elif name == 'index': df = _csv(d/'split'/'train2020.csv').assign(subset='train')      # every v2c image
     elif name == 'train': df = _csv(d/'split'/'v2c'/'random_train_cv0.csv').assign(subset='train')

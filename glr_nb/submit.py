@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_submit.ipynb #9ed61569
 from __future__ import annotations
-import json, time, hashlib, contextlib, dataclasses
+import re, json, math, time, hashlib, contextlib, dataclasses
 from pathlib import Path
 import numpy as np, pandas as pd
 from . import core
@@ -48,6 +48,8 @@ def write_submission(pred, test_ids, labels, path)->Path:
     save_csv(submission_frame(pred, test_ids, labels), path); return Path(path)
 
 # %% ../nbs/08_submit.ipynb #888caa82
+_WEIGHTED = r'(.+):([-+]?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?|[-+]?nan|[-+]?inf)'   # path:weight (any number, to check it)
+
 def parse_checkpoints(spec)->dict:
     "`name -> (path, weight)` from 'name=path[:weight],...' or a dict name -> path | (path, weight)"
     from glr_nb.retrieval import DEFAULT_WEIGHTS
@@ -61,8 +63,12 @@ def parse_checkpoints(spec)->dict:
     for name, v in items:
         if isinstance(v, (tuple, list)): path, w = v
         else:
-            path, _, w = str(v).rpartition(':') if ':' in str(v) and str(v).rsplit(':', 1)[1].replace('.', '', 1).isdigit() else (str(v), '', '')
-        out[name] = (str(path), float(w) if w not in ('', None) else DEFAULT_WEIGHTS.get(name, 1.))
+            m = re.fullmatch(_WEIGHTED, str(v), re.I)
+            path, w = (m[1], m[2]) if m else (str(v), '')
+        w = float(w) if w not in ('', None) else DEFAULT_WEIGHTS.get(name, 1.)
+        if not (math.isfinite(w) and w > 0):
+            raise GLRError(f"--checkpoints {name}: weight {w} is out of range: allowed >0 (leave the model out)")
+        out[name] = (str(path), w)
     if not out: raise GLRError("no checkpoints given: pass name=path[:weight],...")
     return out
 
@@ -198,19 +204,27 @@ def _test_solution(path, test_ids, log):
     if not sol: log.warning(f"{path} covers none of the test queries: no test GAP")
     return sol or None
 
-def _matcher(s, log):
-    "The re-rank matcher's name, said in the log"
+def _matcher(s, log=None):
+    "The re-rank matcher's name (said in `log` when given); `GLRError` for weights or a name that do not fit"
     if bool(s.superpoint) != bool(s.superglue):
         raise GLRError("pass both --superpoint and --superglue (SuperPoint + SuperGlue) or neither (SIFT)")
     m = ('superglue' if s.superpoint else 'sift') if s.matcher == 'auto' else s.matcher
     if m not in ('sift', 'superglue'): raise GLRError(f"--matcher {s.matcher!r}: use auto, superglue or sift")
-    log.info('re-rank: SuperPoint + SuperGlue' if m == 'superglue' else 're-rank: SIFT (no SuperPoint/SuperGlue weights given)')
+    if log: log.info('re-rank: ' + ('SuperPoint + SuperGlue' if m == 'superglue' else
+                                    'SIFT (no SuperPoint/SuperGlue weights given)'))
     return m
 
 def _inputs(s, log):
     "Checkpoints, image sets, test solution and folders of a run"
     if not s.checkpoints: raise GLRError("no checkpoints: pass --checkpoints name=path[:weight],...")
-    ck, dd, rd = parse_checkpoints(s.checkpoints), core.data_dir(s.data_dir), core.result_dir(s.result_dir)
+    ck = parse_checkpoints(s.checkpoints)
+    core.get_device(s.device)                     # an unknown name or a GPU that is not there: refused before any work
+    if s.rerank:
+        from glr_nb.rerank import RANSAC_METHODS
+        if s.ransac not in RANSAC_METHODS:
+            raise GLRError(f"--ransac {s.ransac!r}: use one of {', '.join(RANSAC_METHODS)}")
+        _matcher(s)                               # checked here, said in the log when the re-rank starts
+    dd, rd = core.data_dir(s.data_dir), core.result_dir(s.result_dir)
     val = s.stacking and not s.stacker
     if val and not (dd/'split'/'val'/'query.csv').is_file():
         raise GLRError(f"{dd/'split'/'val'/'query.csv'}: no validation set to train the stacker on; run glr_split "

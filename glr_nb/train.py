@@ -42,6 +42,7 @@ class TrainSettings(Settings):
     select_by: str = 'auto'         # final.pth by map100 (the reference's retrieval score), gap (leave-one-out) or auto
     retrieval_queries: int = 200    # Private queries of retrieval_solution_v2.1.csv that map100 scores
     max_valid: int = 200            # validation-split images scored (the reference's first 200)
+    max_bad_frac: float = 0.01      # stop when a larger share of the split's images is missing or unreadable
     model_file: str = None          # fine-tune from these weights; the epoch count restarts at 0
     resume: str = None              # continue a run: latest, a checkpoint in the run folder, or a path
     overwrite: bool = False         # move a run already in out_dir aside (timestamped sibling) and start again
