@@ -211,7 +211,8 @@ def cached_extract(model,         # GLRNet-like model (already loaded)
     mine = [i for i in range(-(-len(ids)//chunk)) if i % world == rank]
     mm, done = cache_state(path, key, ids, dim, chunk, verify, stamps, mine)
     if mm is None: raise GLRError(f"{path}: cache missing after rank 0 created it; is the folder shared by all ranks?")
-    _fill(model, ds, stamps, path, [i for i in mine if i not in set(done)], chunk, (img_size, bs, dev, num_workers), progress)
+    todo = [i for i in mine if i not in set(done)]
+    _fill(model, ds, stamps, path, todo, chunk, (img_size, bs, dev, num_workers), progress)
     dist_barrier()
     del mm
     out = load_embeddings(path, key, ids, verify=False, missing_ok=True)
@@ -231,7 +232,8 @@ def _fill(model, ds, stamps, path, todo, chunk, cfg, progress):
             mm[s:e] = emb
             mm.flush()
             bad = (s + np.flatnonzero(~emb.any(1))).tolist()
-            save_json(dict(crc=_crc(emb), rows=[s, e], files=_stamp_digest(stamps, s, e), bad=bad), parts/f'{i:05d}.json')
+            rec = dict(crc=_crc(emb), rows=[s, e], files=_stamp_digest(stamps, s, e), bad=bad)
+            save_json(rec, parts/f'{i:05d}.json')
             release_pages(mm)
 
 # %% ../nbs/04_retrieval.ipynb #8e7fb64c
@@ -292,14 +294,15 @@ def embed_checkpoint(ckpt, data, ids, cache_dir, name:str, img_size=800, bs=32, 
     path = Path(cache_dir)/f"{key['digest']}_e{key['epoch']:.2f}_s{img_size}"/f'{name}.npy'
     files = None if isinstance(data, Dataset) else [str(p) for p in data]
     stamps = None if files is None else file_stamps(files)
-    if stamps is not None: check_unreadable(np.flatnonzero(stamps[:, 0] < 0), files, max_bad_frac, f'{name} (missing files)')
+    if stamps is not None: check_unreadable(np.flatnonzero(stamps[:, 0] < 0), files, max_bad_frac, f'{name} (missing)')
     r = load_embeddings(path, key, ids, missing_ok=True, stamps=stamps)
     if r is None:
         from glr_nb.models import load_model
         model = load_model(ckpt, device='cpu')
-        r = cached_extract(model, data, ids, path, key, img_size, bs, device, num_workers, chunk, progress=progress, log=log)
+        r = cached_extract(model, data, ids, path, key, img_size, bs, device, num_workers, chunk,
+                           progress=progress, log=log)
     bad = check_unreadable(unreadable(path), files or ids, max_bad_frac, name)
-    if len(bad): log.warning(f"{name}: {len(bad)} unreadable image(s) (e.g. {(files or ids)[bad[0]]}): left out of retrieval")
+    if len(bad): log.warning(f"{name}: {len(bad)} unreadable image(s), e.g. {(files or ids)[bad[0]]}: not retrieved")
     return r
 
 # %% ../nbs/04_retrieval.ipynb #0582b6b9
@@ -310,8 +313,10 @@ class EnsembleView:
     def __init__(self, embs:dict,        # model name -> [N, D_m] L2-normalised embeddings (same rows; memmaps ok)
                  weights:dict=None):     # model name -> weight (default DEFAULT_WEIGHTS, else equal)
         names = list(embs)
-        w = weights if weights is not None else DEFAULT_WEIGHTS if set(names) <= set(DEFAULT_WEIGHTS) else {m: 1. for m in names}
-        if set(names) - set(w): raise GLRError(f"ensemble: no weight for model(s) {sorted(set(names) - set(w))}; add them to weights")
+        w = weights if weights is not None else DEFAULT_WEIGHTS if set(names) <= set(DEFAULT_WEIGHTS) else None
+        w = w or dict.fromkeys(names, 1.)
+        miss = sorted(set(names) - set(w))
+        if miss: raise GLRError(f"ensemble: no weight for model(s) {miss}; add them to weights")
         n = {len(e) for e in embs.values()}
         if len(n) != 1: raise GLRError(f"ensemble: models have different row counts {sorted(n)}; embed the same images")
         self.embs, self.w = embs, [float(w[m]) for m in names]
@@ -587,13 +592,15 @@ def glr_extract(checkpoint:str=None, # model checkpoint (.pth) written by glr_tr
                 bs:int=32,           # batch size
                 num_workers:int=2,   # data loader workers
                 device:str=None,     # cuda or cpu (default: cuda when present)
+                chunk:int=8192,      # rows per resumable chunk (the unit of sharding across ranks)
                 max_bad_frac:float=0.01):  # refuse a set with a larger share of unreadable images
     "Extract (or resume) cached embeddings of one image set with one checkpoint; shards under torchrun"
     if not checkpoint: raise GLRError("pass --checkpoint PATH")
     df = image_set(core.data_dir(data_dir), images)
     rank, _ = core.init_distributed(device)
-    m, ids = embed_checkpoint(checkpoint, df['path'].tolist(), df['id'].tolist(), core.result_dir(result_dir)/'features',
-                              images, img_size, bs, device, num_workers, max_bad_frac=max_bad_frac)
+    feats = core.result_dir(result_dir)/'features'
+    m, ids = embed_checkpoint(checkpoint, df['path'].tolist(), df['id'].tolist(), feats, images, img_size, bs, device,
+                              num_workers, chunk, max_bad_frac=max_bad_frac)
     if rank == 0: print(f"{images}: {m.shape[0]} x {m.shape[1]} embeddings in {m.filename}")
 
 # %% ../nbs/04_retrieval.ipynb #523da9d9
