@@ -14,10 +14,10 @@ from .core import release_pages, dist_rank_world, dist_barrier
 
 # %% auto #0
 __all__ = ['BAD_LABEL', 'DEFAULT_WEIGHTS', 'embed_batch', 'extract', 'reference_decode', 'decode_difference', 'ids_sha1',
-           'file_stamps', 'cache_state', 'cached_extract', 'load_embeddings', 'unreadable', 'checkpoint_key',
-           'check_unreadable', 'embed_checkpoint', 'EnsembleView', 'ensemble', 'knn', 'query_expansion', 'CandList',
-           'search', 'model_lists', 'merge_lists', 'vote', 'plot_gallery', 'image_set', 'glr_extract', 'bench_knn',
-           'bench_extract']
+           'file_stamps', 'cache_state', 'cached_extract', 'load_embeddings', 'unreadable', 'store_embeddings',
+           'checkpoint_key', 'check_unreadable', 'embed_checkpoint', 'EnsembleView', 'ensemble', 'knn',
+           'query_expansion', 'CandList', 'search', 'model_lists', 'merge_lists', 'vote', 'plot_gallery', 'image_set',
+           'glr_extract', 'bench_knn', 'bench_extract']
 
 # %% ../nbs/04_retrieval.ipynb #9d89d6de
 BAD_LABEL = -100  # the label glr_nb.data.ImageDataset gives an unreadable image
@@ -186,6 +186,22 @@ def _prepare(path, key, ids, dim, chunk, log):
         log.info(f"{idf}: missing or damaged ids file; rewritten")
         _write_ids(idf, ids)
 
+# %% ../nbs/04_retrieval.ipynb #e4d6f8a0
+def _fill(path, todo, chunk, rows, stamps, desc=None):
+    "Write chunks `todo` from `rows(s, e, pbar)`; each chunk's record (CRC, file stamps, unreadable rows) after its rows"
+    from tqdm.auto import tqdm
+    mm, parts = np.load(path, mmap_mode='r+'), _paths(path)[3]
+    with tqdm(total=sum(min(chunk, len(mm) - i*chunk) for i in todo), desc=desc, disable=desc is None) as pb:
+        for i in todo:
+            s, e = i*chunk, min((i+1)*chunk, len(mm))
+            emb = rows(s, e, pb)
+            mm[s:e] = emb
+            mm.flush()
+            bad = (s + np.flatnonzero(~emb.any(1))).tolist()
+            rec = dict(crc=_crc(emb), rows=[s, e], files=_stamp_digest(stamps, s, e), bad=bad)
+            save_json(rec, parts/f'{i:05d}.json')
+            release_pages(mm)
+
 # %% ../nbs/04_retrieval.ipynb #dcd46355
 def cached_extract(model,         # GLRNet-like model (already loaded)
                    data,          # Dataset yielding (x, y) or a list of image paths, aligned with `ids`
@@ -212,7 +228,8 @@ def cached_extract(model,         # GLRNet-like model (already loaded)
     mm, done = cache_state(path, key, ids, dim, chunk, verify, stamps, mine)
     if mm is None: raise GLRError(f"{path}: cache missing after rank 0 created it; is the folder shared by all ranks?")
     todo = [i for i in mine if i not in set(done)]
-    _fill(model, ds, stamps, path, todo, chunk, (img_size, bs, dev, num_workers), progress)
+    rows = lambda s, e, pb: extract(model, Subset(ds, range(s, e)), img_size, bs, dev, num_workers, pb)
+    _fill(path, todo, chunk, rows, stamps, f'extract {Path(path).stem}' if progress else None)
     dist_barrier()
     del mm
     out = load_embeddings(path, key, ids, verify=False, missing_ok=True)
@@ -220,21 +237,6 @@ def cached_extract(model,         # GLRNet-like model (already loaded)
         raise GLRError(f"{path}: cache incomplete after extraction; is the folder shared by all ranks?")
     return out
 
-def _fill(model, ds, stamps, path, todo, chunk, cfg, progress):
-    "Extract chunks `todo` into the cache; each chunk's record (CRC, file stamps, unreadable rows) after its rows"
-    from tqdm.auto import tqdm
-    mm, parts = np.load(path, mmap_mode='r+'), _paths(path)[3]
-    total = sum(min(chunk, len(mm) - i*chunk) for i in todo)
-    with tqdm(total=total, desc=f'extract {Path(path).stem}', disable=not progress) as pb:
-        for i in todo:
-            s, e = i*chunk, min((i+1)*chunk, len(mm))
-            emb = extract(model, Subset(ds, range(s, e)), *cfg, pbar=pb)
-            mm[s:e] = emb
-            mm.flush()
-            bad = (s + np.flatnonzero(~emb.any(1))).tolist()
-            rec = dict(crc=_crc(emb), rows=[s, e], files=_stamp_digest(stamps, s, e), bad=bad)
-            save_json(rec, parts/f'{i:05d}.json')
-            release_pages(mm)
 
 # %% ../nbs/04_retrieval.ipynb #8e7fb64c
 def load_embeddings(path,          # cache file `.../<name>.npy`
@@ -265,6 +267,18 @@ def unreadable(path)->np.ndarray:  # cache file, or its memmap
     recs = (_record(parts, int(f.stem)) for f in parts.glob('*.json') if f.stem.isdigit())
     bad = [np.asarray(r.get('bad', []), np.int64) for r in recs if r is not None]
     return np.unique(np.concatenate(bad)) if bad else np.zeros(0, np.int64)
+
+# %% ../nbs/04_retrieval.ipynb #a8d60739
+def store_embeddings(path,       # cache file `.../<name>.npy`
+                     key:dict,   # what produced the rows
+                     ids,        # one id per row
+                     rows,       # function (start, end) -> float16 [end - start, dim] unit rows (zeros: unreadable)
+                     dim:int,    # embedding size
+                     chunk=8192)->tuple:
+    "Write a complete cache from rows computed elsewhere; `(memmap, ids)` as `load_embeddings` gives them"
+    _create(path, key, ids, dim, chunk)
+    _fill(path, range(-(-len(ids)//chunk)), chunk, lambda s, e, pb: rows(s, e), None)
+    return load_embeddings(path, key, ids, verify=False)
 
 # %% ../nbs/04_retrieval.ipynb #bfff6f54
 def checkpoint_key(ckpt, img_size:int)->dict:
@@ -313,8 +327,8 @@ class EnsembleView:
     def __init__(self, embs:dict,        # model name -> [N, D_m] L2-normalised embeddings (same rows; memmaps ok)
                  weights:dict=None):     # model name -> weight (default DEFAULT_WEIGHTS, else equal)
         names = list(embs)
-        w = weights if weights is not None else DEFAULT_WEIGHTS if set(names) <= set(DEFAULT_WEIGHTS) else None
-        w = w or dict.fromkeys(names, 1.)
+        w = weights
+        if w is None: w = DEFAULT_WEIGHTS if set(names) <= set(DEFAULT_WEIGHTS) else dict.fromkeys(names, 1.)
         miss = sorted(set(names) - set(w))
         if miss: raise GLRError(f"ensemble: no weight for model(s) {miss}; add them to weights")
         n = {len(e) for e in embs.values()}
