@@ -36,8 +36,10 @@ def write_images(d):
     ims += [im[15:185, 10:190] for im in ims]
     ids = [f'{i:016x}' for i in range(2 * N_IMG)]
     paths = [str(d/f'{i}.png') for i in ids]
-    for p, im in zip(paths, ims): cv2.imwrite(p, im)
-    pairs = [(paths[i], paths[i + N_IMG]) for i in range(N_IMG)] + [(paths[i], paths[i + N_IMG + 1]) for i in range(N_IMG - 1)]
+    for p, im in zip(paths, ims):
+        cv2.imwrite(p, im)
+    pairs = [(paths[i], paths[i + N_IMG]) for i in range(N_IMG)]                  # an image and its crop
+    pairs += [(paths[i], paths[i + N_IMG + 1]) for i in range(N_IMG - 1)]         # an image and another's crop
     return paths, ids, pairs
 
 
