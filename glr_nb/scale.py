@@ -82,7 +82,7 @@ def knn_estimate(q_embs:dict,   # model -> query embeddings
                  db_embs:dict,  # model -> database embeddings
                  labels=None,   # database labels (None: the gallery)
                  weights:dict=None, k=10,
-                 n1=128)->dict: # queries of the smaller timed run
+                 n1=32)->dict:  # queries of the smaller timed run
     "Exact `model_lists` of the first n1 and 2 n1 queries, timed; the seconds for every query extrapolated"
     from glr_nb.retrieval import model_lists
     nq = len(next(iter(q_embs.values())))
