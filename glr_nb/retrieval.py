@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_retrieval.ipynb #79d655c5
 from __future__ import annotations
-import os, json, time, zlib, hashlib, shutil, dataclasses
+import os, json, time, zlib, hashlib, shutil, dataclasses, warnings
 from pathlib import Path
 import numpy as np, pandas as pd, torch, torch.nn.functional as F
 from torch.utils.data import Dataset, DataLoader, Subset, TensorDataset
@@ -373,7 +373,10 @@ def _faiss():
 def _rows32(x, s, e)->np.ndarray:
     "Rows s:e of an array, memmap, `EnsembleView` or CPU tensor as contiguous float32 (a map's pages released)"
     a = x[s:e]
-    if isinstance(a, np.ndarray) and a.dtype == np.float16: a = torch.from_numpy(np.ascontiguousarray(a)).float().numpy()
+    if isinstance(a, np.ndarray) and a.dtype == np.float16:
+        with warnings.catch_warnings():                  # a read-only map: torch only reads it
+            warnings.simplefilter('ignore', UserWarning)
+            a = torch.from_numpy(np.ascontiguousarray(a)).float().numpy()
     release_pages(x)
     return np.ascontiguousarray(a, dtype=np.float32)
 
