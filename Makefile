@@ -6,7 +6,7 @@ PY    := $(BIN)/python
 STAMP := $(VENV)/.glr_installed
 OUT   ?= demo_out
 
-.PHONY: install demo test nbtest pytest docs clean-check bench readme gpu-check
+.PHONY: install demo test nbtest pytest docs clean-check bench bench-scale readme gpu-check
 
 # torch/torchvision first (served from local disk where this is set up), then the pinned stack
 # (constraints.txt) and this package in editable mode with its dev tools.
@@ -51,6 +51,7 @@ gpu-check:
 
 test: clean-check nbtest pytest
 	$(MAKE) gpu-check DEVICE=cpu
+	$(MAKE) bench-scale
 
 # Offline docs in _docs/ (tools/docs.py): every notebook executed at its defaults into _proc/ (never nbs/), nbdev's
 # processors, then nbconvert with local CSS and MathML formulas; DOCS_FLAGS=--no-exec skips execution.
@@ -61,3 +62,9 @@ docs: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/glr_bench all
+
+# Every stage after the GPU ones at SCALE x GLDv2's size on synthetic inputs (nbs/10b_scale.ipynb); exit 2 when a
+# stage breaks its budget. `make test` runs SCALE=0.01 (about 20 s); SCALE=1 is the full size.
+SCALE ?= 0.01
+bench-scale: $(STAMP)
+	$(BIN)/glr_bench scale --scale $(SCALE)

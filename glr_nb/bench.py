@@ -38,14 +38,26 @@ def run_bench(what:str, **kw)->list:
     return recs
 
 # %% ../nbs/10_bench.ipynb #6851fcee
+def _scale(scale, work)->list:
+    "`glr_bench scale`: the stages' records (printed as they end); GLRError naming the stages that broke a budget"
+    from glr_nb.scale import bench_scale
+    recs = bench_scale(1.0 if scale is None else scale, work)
+    bad = [r['stage'] for r in recs if not r['ok']]
+    if bad: raise GLRError(f"scale: {', '.join(bad)} broke the budget (time or peak memory); see the JSON lines")
+    return recs
+
 @script
-def glr_bench(what:Param('split, decode, train, extract, knn, rerank, postprocess, or all', str, opt=False, nargs='?')='all',
+def glr_bench(what:Param('split, decode, train, extract, knn, rerank, postprocess, all, or scale', str, opt=False,
+                         nargs='?')='all',
               arch:str=None,  # backbone for train/extract (e.g. tf_efficientnet_b7; CPU default is tiny)
               img:int=None,   # image size for train/extract/rerank
               n:int=None,     # problem size (rows, images, queries or pairs: see each bench)
               device:str=None, # cpu or cuda (default: cuda when present)
+              scale:float=None, # scale: fraction of GLDv2's full size (default 1)
+              work:str=None,  # scale: folder for its synthetic inputs (default: a temporary one, removed)
               out:str=None):  # also write the JSON lines to this file
-    "Benchmark the hot paths, reference recipe vs ours; prints one JSON line per measurement"
+    "Benchmark the hot paths, reference recipe vs ours (or `scale`: the pipeline at GLDv2's size); JSON lines"
+    if what == 'scale': return _scale(scale, work)
     names = list(BENCHES) if what == 'all' else [what]
     recs = [r for w in names for r in run_bench(w, arch=arch, img=img, n=n, device=device)]
     if out:

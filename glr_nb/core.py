@@ -5,7 +5,7 @@
 # %% ../nbs/00_core.ipynb #8b42e191
 from __future__ import annotations
 import os, sys, re, io, ast, json, math, errno, typing, inspect, logging, argparse, tempfile, textwrap, tokenize
-import contextlib, dataclasses, functools, hashlib, random, time, glob, shutil
+import contextlib, dataclasses, functools, hashlib, random, time, glob, shutil, mmap
 from pathlib import Path
 import numpy as np
 from fastcore.basics import patch
@@ -14,7 +14,8 @@ from fastcore.basics import patch
 __all__ = ['LIMITS', 'HEX_ID', 'GLRError', 'in_range', 'check_param', 'field_docs', 'Settings', 'parameters_cell', 'script',
            'data_dir', 'result_dir', 'csv_line', 'check_ids', 'get_logger', 'atomic_write', 'save_json', 'save_csv',
            'aside_path', 'atomic_dir', 'reserve', 'save_checkpoint', 'load_checkpoint', 'set_seed', 'get_device',
-           'default_device', 'file_digest']
+           'default_device', 'file_digest', 'dist_rank_world', 'dist_barrier', 'init_distributed', 'rank_zero_first',
+           'release_pages']
 
 # %% ../nbs/00_core.ipynb #2dfce38c
 class GLRError(Exception):
@@ -31,7 +32,7 @@ LIMITS = {
     'valid_num': '>=1', 'n_gallery': '>=0', 'n_valid': '>=1', 'min_images': '>=1', 'n': '>=1', 'img': '>=16',
     'gpus': '>=1', 'max_bad_frac': '0..1', 'chunk': '>=1', 'preprocessing': '0..1', 'in_channels': '>=1',
     'local_rank': '>=0', 'distributed': '0..1', 'bn_momentum': '0..1', 'retrieval_queries': '>=1',
-    'min_inliers': '>=0', 'max_side': '>=16',
+    'min_inliers': '>=0', 'max_side': '>=16', 'scale': '0<..1',
 }
 
 # %% ../nbs/00_core.ipynb #5dfb2c32
@@ -488,3 +489,43 @@ def file_digest(path, n=1<<20):
     h = hashlib.sha1(str(p.stat().st_size).encode())
     with open(p, 'rb') as f: h.update(f.read(n))
     return h.hexdigest()[:12]
+
+# %% ../nbs/00_core.ipynb #c0d0abda
+def dist_rank_world()->tuple:
+    "`(rank, world size)` in the torch.distributed process group, `(0, 1)` outside one"
+    d = getattr(sys.modules.get('torch'), 'distributed', None)
+    if d is not None and d.is_available() and d.is_initialized(): return d.get_rank(), d.get_world_size()
+    return 0, 1
+
+def dist_barrier():
+    "Wait for every rank of the process group (nothing outside one)"
+    d = getattr(sys.modules.get('torch'), 'distributed', None)
+    if d is not None and d.is_available() and d.is_initialized(): d.barrier()
+
+# %% ../nbs/00_core.ipynb #52191841
+def init_distributed(device=None  # the job's device: NCCL for cuda, gloo otherwise (default: cuda when present)
+                    )->tuple:
+    "Join torchrun's process group when WORLD_SIZE > 1 (NCCL on GPUs, gloo on CPUs); returns `(rank, world size)`"
+    if int(os.environ.get('WORLD_SIZE', 1)) <= 1: return dist_rank_world()
+    import torch
+    if not torch.distributed.is_initialized():
+        dev = get_device(device)
+        if dev.type == 'cuda': torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)))
+        torch.distributed.init_process_group('nccl' if dev.type == 'cuda' else 'gloo')
+    return dist_rank_world()
+
+@contextlib.contextmanager
+def rank_zero_first():
+    "Rank 0 runs the block first (filling a cache), the other ranks after it (reading what rank 0 wrote)"
+    rank, world = dist_rank_world()
+    if rank > 0: dist_barrier()
+    yield
+    if rank == 0 and world > 1: dist_barrier()
+
+# %% ../nbs/00_core.ipynb #5ac5a139
+def release_pages(a):  # a numpy memmap or a view of one (anything else is left alone)
+    "Drop the pages of `a`'s memory map from this process's resident set (they stay in the page cache); returns `a`"
+    m = getattr(a, '_mmap', None)
+    if m is not None and hasattr(mmap, 'MADV_DONTNEED'):
+        with contextlib.suppress(ValueError): m.madvise(mmap.MADV_DONTNEED)   # ValueError: the map is closed
+    return a

@@ -4,16 +4,18 @@
 
 # %% ../nbs/04_retrieval.ipynb #79d655c5
 from __future__ import annotations
-import os, json, time, zlib, hashlib, shutil, dataclasses
+import os, json, time, zlib, hashlib, shutil, dataclasses, warnings
 from pathlib import Path
 import numpy as np, pandas as pd, torch, torch.nn.functional as F
 from torch.utils.data import Dataset, DataLoader, Subset, TensorDataset
 from . import core
 from .core import GLRError, script, atomic_write, save_json, get_logger, default_device, file_digest
+from .core import release_pages, dist_rank_world, dist_barrier
 
 # %% auto #0
 __all__ = ['BAD_LABEL', 'DEFAULT_WEIGHTS', 'embed_batch', 'extract', 'reference_decode', 'decode_difference', 'ids_sha1',
-           'cache_state', 'cached_extract', 'load_embeddings', 'checkpoint_key', 'embed_checkpoint', 'ensemble', 'knn',
+           'file_stamps', 'cache_state', 'cached_extract', 'load_embeddings', 'unreadable', 'store_embeddings',
+           'checkpoint_key', 'check_unreadable', 'embed_checkpoint', 'EnsembleView', 'ensemble', 'knn',
            'query_expansion', 'CandList', 'search', 'model_lists', 'merge_lists', 'vote', 'plot_gallery', 'image_set',
            'glr_extract', 'bench_knn', 'bench_extract']
 
@@ -47,17 +49,17 @@ def extract(model,           # GLRNet-like: `extract_feature(x)` (or a plain mod
             bs=32,           # batch size
             device=None,     # default: cuda when present
             num_workers=0,   # DataLoader workers
-            pbar=None,       # optional tqdm to advance by each batch
-            log=None)->np.ndarray:
-    "float16 [N, D] L2-normalised embeddings of `data`, in order"
+            pbar=None)->np.ndarray:  # optional tqdm to advance by each batch
+    "float16 [N, D] L2-normalised embeddings of `data`, in order; an unreadable image's row is zeros"
     device = torch.device(device) if device else default_device()
     ds, model = _as_dataset(data, img_size), _prep_model(model, device)
     dl = DataLoader(ds, batch_size=bs, shuffle=False, num_workers=num_workers, pin_memory=device.type == 'cuda')
-    out, bad = [], 0
+    out = []
     for xb, yb in dl:
-        out.append(embed_batch(model, xb, device)); bad += int((yb == BAD_LABEL).sum())
+        e = embed_batch(model, xb, device)
+        e[np.asarray(yb) == BAD_LABEL] = 0
+        out.append(e)
         if pbar is not None: pbar.update(len(xb))
-    if bad: (log or get_logger()).warning(f"extract: {bad} unreadable image(s) embedded as blanks")
     return np.concatenate(out) if out else np.zeros((0, 0), np.float16)
 
 # %% ../nbs/04_retrieval.ipynb #288a8dcf
@@ -90,55 +92,115 @@ def ids_sha1(ids)->str:
 def _crc(a)->int: return zlib.crc32(np.ascontiguousarray(a).view(np.uint8).data) & 0xffffffff
 
 def _paths(path):
-    path = Path(path); return path, path.with_suffix('.ids'), path.with_suffix('.json'), path.with_suffix('.parts')
+    path = Path(path)
+    return path, path.with_suffix('.ids'), path.with_suffix('.json'), path.with_suffix('.parts')
 
 def _open_npy(path, n, dim, mode='r'):
     "Memmap of an existing .npy when its header says [n, dim] float16 and its size is exact, else None"
     try:
         with open(path, 'rb') as f:
             v = np.lib.format.read_magic(f)
-            shape, fortran, dt = (np.lib.format.read_array_header_1_0 if v == (1, 0) else np.lib.format.read_array_header_2_0)(f); off = f.tell()
+            read = np.lib.format.read_array_header_1_0 if v == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dt = read(f)
+            off = f.tell()
         if shape != (n, dim) or dt != np.float16 or fortran or Path(path).stat().st_size != off + n*dim*2: return None
         return np.load(path, mmap_mode=mode)
     except Exception: return None
 
-# %% ../nbs/04_retrieval.ipynb #b2c52f75
-def _chunk_ok(mm, parts, i, chunk, verify):
-    f = parts/f'{i:05d}.json'
-    if not f.is_file(): return False
-    try: crc = json.loads(f.read_text())['crc']
-    except Exception: return False
-    return (not verify) or crc == _crc(mm[i*chunk:(i+1)*chunk])
+# %% ../nbs/04_retrieval.ipynb #a1f3c2d4
+def file_stamps(paths)->np.ndarray:
+    "int64 [n, 2]: each file's size and modification time (ns); -1, -1 where it is missing"
+    out = np.full((len(paths), 2), -1, np.int64)
+    for i, p in enumerate(paths):
+        try: st = os.stat(p)
+        except OSError: continue
+        out[i] = st.st_size, st.st_mtime_ns
+    return out
 
-def cache_state(path, key:dict, ids, dim:int, chunk:int, verify=True):
+def _stamp_digest(stamps, s, e):
+    "Digest of rows s:e of `file_stamps` (None when the rows have no files)"
+    return None if stamps is None else hashlib.sha1(np.ascontiguousarray(stamps[s:e]).tobytes()).hexdigest()[:16]
+
+# %% ../nbs/04_retrieval.ipynb #b2c52f75
+def _record(parts, i)->dict:
+    "Chunk `i`'s record, or None when it is missing or unreadable"
+    try: r = json.loads((parts/f'{i:05d}.json').read_text())
+    except Exception: return None
+    return r if isinstance(r, dict) and 'crc' in r else None
+
+def _chunk_ok(mm, parts, i, chunk, verify, stamps):
+    r = _record(parts, i)
+    if r is None: return False
+    s, e = i*chunk, min((i+1)*chunk, len(mm))
+    if stamps is not None and r.get('files') != _stamp_digest(stamps, s, e): return False
+    ok = (not verify) or r['crc'] == _crc(mm[s:e])
+    release_pages(mm)
+    return ok
+
+def _meta(key, ids, dim, chunk)->dict:
+    return dict(key=key, n=len(ids), dim=int(dim), chunk=int(chunk), ids_sha1=ids_sha1(ids), dtype='float16', format=2)
+
+def cache_state(path,          # cache file `.../<name>.npy`
+                key:dict, ids, dim:int, chunk:int,
+                verify=True,   # check each finished chunk's CRC
+                stamps=None,   # `file_stamps` of the rows' images: chunks whose files changed are not finished
+                chunks=None):  # only look at these chunk indices (default: all)
     "`(memmap or None, list of finished chunk indices)` of a cache at `path` for this key, ids and dim"
     npy, idf, mf, parts = _paths(path)
-    meta = dict(key=key, n=len(ids), dim=int(dim), chunk=int(chunk), ids_sha1=ids_sha1(ids), dtype='float16')
     try: old = json.loads(mf.read_text())
     except Exception: old = None
-    mm = _open_npy(npy, len(ids), dim) if old == meta else None
+    mm = _open_npy(npy, len(ids), dim) if old == _meta(key, ids, dim, chunk) else None
     if mm is None: return None, []
-    nch = -(-len(ids)//chunk)
-    return mm, [i for i in range(nch) if _chunk_ok(mm, parts, i, chunk, verify)]
+    idx = range(-(-len(ids)//chunk)) if chunks is None else chunks
+    return mm, [i for i in idx if _chunk_ok(mm, parts, i, chunk, verify, stamps)]
 
 # %% ../nbs/04_retrieval.ipynb #df0dee88
+def _write_ids(idf, ids):
+    with atomic_write(idf, 'w') as f: f.write('\n'.join(map(str, ids)) + '\n')
+
 def _create(path, key, ids, dim, chunk):
+    "A new, empty cache (old files removed first; refused when the disk cannot hold it: no SIGBUS later)"
     npy, idf, mf, parts = _paths(path)
     npy.parent.mkdir(parents=True, exist_ok=True)
     for f in (mf, npy, idf): f.unlink(missing_ok=True)
-    shutil.rmtree(parts, ignore_errors=True); parts.mkdir()
-    with atomic_write(idf, 'w') as f: f.write('\n'.join(map(str, ids)) + '\n')
-    mm = np.lib.format.open_memmap(npy, mode='w+', dtype=np.float16, shape=(len(ids), dim))
-    save_json(dict(key=key, n=len(ids), dim=int(dim), chunk=int(chunk), ids_sha1=ids_sha1(ids), dtype='float16'), mf)
-    return mm
+    shutil.rmtree(parts, ignore_errors=True)
+    parts.mkdir()
+    need, free = len(ids) * int(dim) * 2, shutil.disk_usage(npy.parent).free
+    if need > free: raise GLRError(f"{npy}: needs {need / 2**30:.2f} GiB, {free / 2**30:.2f} GiB free; free some space")
+    _write_ids(idf, ids)
+    np.lib.format.open_memmap(npy, mode='w+', dtype=np.float16, shape=(len(ids), dim))
+    save_json(_meta(key, ids, dim, chunk), mf)
 
-def _barrier():
-    if torch.distributed.is_available() and torch.distributed.is_initialized(): torch.distributed.barrier()
+def _prepare(path, key, ids, dim, chunk, log):
+    "Rank 0's repair before extraction: rebuild a cache of another key, ids or shape; rewrite a lost `.ids` file"
+    npy, idf, mf, parts = _paths(path)
+    try: old = json.loads(mf.read_text())
+    except Exception: old = None
+    if old != _meta(key, ids, dim, chunk) or _open_npy(npy, len(ids), dim) is None:
+        if npy.exists() or mf.exists(): log.info(f"{path}: stale or damaged cache, rebuilding")
+        _create(path, key, ids, dim, chunk)
+        return
+    try: ok = ids_sha1(idf.read_text().split()) == old['ids_sha1']
+    except Exception: ok = False
+    if not ok:
+        log.info(f"{idf}: missing or damaged ids file; rewritten")
+        _write_ids(idf, ids)
 
-def _dist_rank_world():
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+# %% ../nbs/04_retrieval.ipynb #e4d6f8a0
+def _fill(path, todo, chunk, rows, stamps, desc=None):
+    "Write chunks `todo` from `rows(s, e, pbar)`; each chunk's record (CRC, file stamps, unreadable rows) after its rows"
+    from tqdm.auto import tqdm
+    mm, parts = np.load(path, mmap_mode='r+'), _paths(path)[3]
+    with tqdm(total=sum(min(chunk, len(mm) - i*chunk) for i in todo), desc=desc, disable=desc is None) as pb:
+        for i in todo:
+            s, e = i*chunk, min((i+1)*chunk, len(mm))
+            emb = rows(s, e, pb)
+            mm[s:e] = emb
+            mm.flush()
+            bad = (s + np.flatnonzero(~emb.any(1))).tolist()
+            rec = dict(crc=_crc(emb), rows=[s, e], files=_stamp_digest(stamps, s, e), bad=bad)
+            save_json(rec, parts/f'{i:05d}.json')
+            release_pages(mm)
 
 # %% ../nbs/04_retrieval.ipynb #dcd46355
 def cached_extract(model,         # GLRNet-like model (already loaded)
@@ -151,54 +213,72 @@ def cached_extract(model,         # GLRNet-like model (already loaded)
                    rank=None, world=None,  # shard (default: torch.distributed rank/world, else 0/1)
                    verify=True,   # re-check every finished chunk's CRC before trusting it
                    progress=True, log=None):
-    "Fill (or resume) the embedding cache at `path`; returns the read-only memmap when complete, else None"
-    from tqdm.auto import tqdm
+    "Fill (or resume) the embedding cache at `path`; `(memmap, ids)` when complete (None: a manual shard's part)"
     log = log or get_logger()
-    r0, w0 = _dist_rank_world(); rank, world = (r0 if rank is None else rank), (w0 if world is None else world)
+    r0, w0 = dist_rank_world()
+    rank, world = (r0 if rank is None else rank), (w0 if world is None else world)
     ds = _as_dataset(data, img_size)
     if len(ds) != len(ids): raise GLRError(f"{path}: {len(ds)} images but {len(ids)} ids; pass aligned lists")
+    stamps = None if getattr(ds, 'paths', None) is None else file_stamps(ds.paths)
     dev = torch.device(device) if device else default_device()
     dim = int(embed_batch(_prep_model(model, dev), ds[0][0][None], dev).shape[1])
-    mm, done = cache_state(path, key, ids, dim, chunk, verify)
-    if mm is None and rank == 0:
-        if Path(path).exists(): log.info(f"{path}: stale or damaged cache, rebuilding")
-        mm, done = _create(path, key, ids, dim, chunk), []
-    _barrier()
-    if mm is None: mm, done = cache_state(path, key, ids, dim, chunk, verify)
+    if rank == 0: _prepare(path, key, ids, dim, chunk, log)
+    dist_barrier()
+    mine = [i for i in range(-(-len(ids)//chunk)) if i % world == rank]
+    mm, done = cache_state(path, key, ids, dim, chunk, verify, stamps, mine)
     if mm is None: raise GLRError(f"{path}: cache missing after rank 0 created it; is the folder shared by all ranks?")
-    mm = np.load(path, mmap_mode='r+')
-    todo = [i for i in range(-(-len(ids)//chunk)) if i % world == rank and i not in set(done)]
-    parts = _paths(path)[3]
-    with tqdm(total=sum(min(chunk, len(ids)-i*chunk) for i in todo), desc=f'extract {Path(path).stem}', disable=not progress) as pb:
-        for i in todo:
-            s, e = i*chunk, min((i+1)*chunk, len(ids))
-            mm[s:e] = extract(model, Subset(ds, range(s, e)), img_size, bs, dev, num_workers, pb, log)
-            mm.flush()
-            save_json(dict(crc=_crc(mm[s:e]), rows=[s, e]), parts/f'{i:05d}.json')
-    _barrier()
+    todo = [i for i in mine if i not in set(done)]
+    rows = lambda s, e, pb: extract(model, Subset(ds, range(s, e)), img_size, bs, dev, num_workers, pb)
+    _fill(path, todo, chunk, rows, stamps, f'extract {Path(path).stem}' if progress else None)
+    dist_barrier()
     del mm
-    return load_embeddings(path, key, ids, verify=False, missing_ok=True)
+    out = load_embeddings(path, key, ids, verify=False, missing_ok=True)
+    if out is None and world == dist_rank_world()[1]:
+        raise GLRError(f"{path}: cache incomplete after extraction; is the folder shared by all ranks?")
+    return out
+
 
 # %% ../nbs/04_retrieval.ipynb #8e7fb64c
 def load_embeddings(path,          # cache file `.../<name>.npy`
                     key:dict=None, # expected key (None: accept the stored one)
                     ids=None,      # expected ids (None: accept the stored ones)
                     verify=True,   # check every chunk's CRC
-                    missing_ok=False):  # return None instead of raising when incomplete
+                    missing_ok=False,  # return None instead of raising when incomplete
+                    stamps=None):  # `file_stamps` of the rows' images: a chunk whose files changed is stale
     "`(memmap [N, D] float16 read-only, ids)` of a complete, sound cache"
     npy, idf, mf, parts = _paths(path)
-    try: meta = json.loads(mf.read_text()); sids = idf.read_text().split()
-    except Exception: meta = sids = None
-    ok = meta is not None and ids_sha1(sids) == meta['ids_sha1'] and (ids is None or ids_sha1(ids) == meta['ids_sha1'])
-    ok = ok and (key is None or meta['key'] == key)
+    try:
+        meta, sids = json.loads(mf.read_text()), idf.read_text().split()
+        ok = ids_sha1(sids) == meta['ids_sha1'] and (ids is None or ids_sha1(ids) == meta['ids_sha1'])
+        ok = ok and (key is None or meta['key'] == key)
+    except Exception: ok = False
     if ok:
-        mm, done = cache_state(path, meta['key'], sids, meta['dim'], meta['chunk'], verify)
+        mm, done = cache_state(path, meta['key'], sids, meta['dim'], meta['chunk'], verify, stamps)
         ok = mm is not None and len(done) == -(-meta['n']//meta['chunk'])
+        del mm
     if not ok:
         if missing_ok: return None
         raise GLRError(f"{npy}: no complete, matching embedding cache; run glr_extract (or cached_extract) to build it")
-    del mm
     return np.load(npy, mmap_mode='r'), sids
+
+def unreadable(path)->np.ndarray:  # cache file, or its memmap
+    "Sorted rows of a cache whose images could not be read (their embeddings are zeros)"
+    parts = _paths(getattr(path, 'filename', None) or path)[3]
+    recs = (_record(parts, int(f.stem)) for f in parts.glob('*.json') if f.stem.isdigit())
+    bad = [np.asarray(r.get('bad', []), np.int64) for r in recs if r is not None]
+    return np.unique(np.concatenate(bad)) if bad else np.zeros(0, np.int64)
+
+# %% ../nbs/04_retrieval.ipynb #a8d60739
+def store_embeddings(path,       # cache file `.../<name>.npy`
+                     key:dict,   # what produced the rows
+                     ids,        # one id per row
+                     rows,       # function (start, end) -> float16 [end - start, dim] unit rows (zeros: unreadable)
+                     dim:int,    # embedding size
+                     chunk=8192)->tuple:
+    "Write a complete cache from rows computed elsewhere; `(memmap, ids)` as `load_embeddings` gives them"
+    _create(path, key, ids, dim, chunk)
+    _fill(path, range(-(-len(ids)//chunk)), chunk, lambda s, e, pb: rows(s, e), None)
+    return load_embeddings(path, key, ids, verify=False)
 
 # %% ../nbs/04_retrieval.ipynb #bfff6f54
 def checkpoint_key(ckpt, img_size:int)->dict:
@@ -207,51 +287,140 @@ def checkpoint_key(ckpt, img_size:int)->dict:
     c = load_checkpoint(ckpt)
     return dict(digest=file_digest(ckpt), epoch=float(c.get('epoch', -1)), img_size=int(img_size), arch=str(c.get('arch', '')))
 
+def check_unreadable(bad,              # rows whose images cannot be read
+                     names,            # every row's file (or id), for the message
+                     max_bad_frac=0.01, # refuse above this share of the set
+                     what='images'):   # the set, for the message
+    "`bad`, or GLRError naming the count and three examples when more than `max_bad_frac` of the set is unreadable"
+    if len(names) and len(bad) > max_bad_frac * len(names):
+        ex = ', '.join(str(names[i]) for i in bad[:3])
+        raise GLRError(f"{what}: {len(bad)} of {len(names)} images unreadable ({len(bad) / len(names):.1%}, more than "
+                       f"max_bad_frac {max_bad_frac:.1%}), e.g. {ex}; restore them or raise --max-bad-frac")
+    return bad
+
+# %% ../nbs/04_retrieval.ipynb #b7c1e9a2
 def embed_checkpoint(ckpt, data, ids, cache_dir, name:str, img_size=800, bs=32, device=None, num_workers=0,
-                     chunk=8192, progress=True, log=None):
+                     chunk=8192, progress=True, log=None,
+                     max_bad_frac=0.01):  # refuse a set with a larger share of unreadable images
     "`(memmap, ids)` of checkpoint `ckpt`'s embeddings of `data` (cached under `cache_dir`)"
+    log = log or get_logger()
     key = checkpoint_key(ckpt, img_size)
     path = Path(cache_dir)/f"{key['digest']}_e{key['epoch']:.2f}_s{img_size}"/f'{name}.npy'
-    r = load_embeddings(path, key, ids, missing_ok=True)
-    if r is not None: return r
-    from glr_nb.models import load_model
-    model = load_model(ckpt, device='cpu')
-    return cached_extract(model, data, ids, path, key, img_size, bs, device, num_workers, chunk, progress=progress, log=log)
+    files = None if isinstance(data, Dataset) else [str(p) for p in data]
+    stamps = None if files is None else file_stamps(files)
+    if stamps is not None: check_unreadable(np.flatnonzero(stamps[:, 0] < 0), files, max_bad_frac, f'{name} (missing)')
+    r = load_embeddings(path, key, ids, missing_ok=True, stamps=stamps)
+    if r is None:
+        from glr_nb.models import load_model
+        model = load_model(ckpt, device='cpu')
+        r = cached_extract(model, data, ids, path, key, img_size, bs, device, num_workers, chunk,
+                           progress=progress, log=log)
+    bad = check_unreadable(unreadable(path), files or ids, max_bad_frac, name)
+    if len(bad): log.warning(f"{name}: {len(bad)} unreadable image(s), e.g. {(files or ids)[bad[0]]}: not retrieved")
+    return r
 
 # %% ../nbs/04_retrieval.ipynb #0582b6b9
 DEFAULT_WEIGHTS = {'b7': 0.6, 'b6': 0.2, 'b5': 0.1, 'r152': 0.1}
+
+class EnsembleView:
+    "The weighted ensemble of per-model embeddings, computed for the rows asked for (`view[rows]`), never stored"
+    def __init__(self, embs:dict,        # model name -> [N, D_m] L2-normalised embeddings (same rows; memmaps ok)
+                 weights:dict=None):     # model name -> weight (default DEFAULT_WEIGHTS, else equal)
+        names = list(embs)
+        w = weights
+        if w is None: w = DEFAULT_WEIGHTS if set(names) <= set(DEFAULT_WEIGHTS) else dict.fromkeys(names, 1.)
+        miss = sorted(set(names) - set(w))
+        if miss: raise GLRError(f"ensemble: no weight for model(s) {miss}; add them to weights")
+        n = {len(e) for e in embs.values()}
+        if len(n) != 1: raise GLRError(f"ensemble: models have different row counts {sorted(n)}; embed the same images")
+        self.embs, self.w = embs, [float(w[m]) for m in names]
+        self.shape, self.dtype = (n.pop(), sum(e.shape[1] for e in embs.values())), np.dtype(np.float16)
+
+    def __len__(self): return self.shape[0]
+
+    def __getitem__(self, rows)->np.ndarray:
+        "float16 ensemble vectors of `rows` (a slice, an index array of any shape), along the last axis"
+        parts = [e[rows] for e in self.embs.values()]
+        x = np.empty(parts[0].shape[:-1] + self.shape[1:], np.float32)
+        a = 0
+        for p, w in zip(parts, self.w):
+            np.multiply(p, np.float32(w), out=x[..., a:a + p.shape[-1]])     # cast and weight in one pass
+            a += p.shape[-1]
+        for e in self.embs.values(): release_pages(e)
+        x /= np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+        return torch.from_numpy(x).half().numpy()     # numpy's float16 cast rounds the same, 5x slower
+
+    def __array__(self, dtype=None, copy=None): return self[:] if dtype is None else self[:].astype(dtype)
 
 def ensemble(embs:dict,        # model name -> [N, D_m] L2-normalised embeddings (same rows)
              weights:dict=None, # model name -> weight (default DEFAULT_WEIGHTS, else equal)
              out=None,          # optional [N, sum D_m] array (e.g. a memmap) to fill
              chunk=65536)->np.ndarray:
     "Weighted concatenation of per-model embeddings, re-normalised to unit length (float16)"
-    names = list(embs)
-    w = weights if weights is not None else DEFAULT_WEIGHTS if set(names) <= set(DEFAULT_WEIGHTS) else {m: 1. for m in names}
-    if set(names) - set(w): raise GLRError(f"ensemble: no weight for model(s) {sorted(set(names) - set(w))}; add them to weights")
-    n = {len(e) for e in embs.values()}
-    if len(n) != 1: raise GLRError(f"ensemble: models have different row counts {sorted(n)}; embed the same images")
-    n = n.pop(); dims = [embs[m].shape[1] for m in names]
-    out = np.zeros((n, sum(dims)), np.float16) if out is None else out
-    for s in range(0, n, chunk):
-        x = np.concatenate([np.asarray(embs[m][s:s+chunk], np.float32) * w[m] for m in names], 1)
-        out[s:s+chunk] = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    v = EnsembleView(embs, weights)
+    out = np.zeros(v.shape, np.float16) if out is None else out
+    for s in range(0, len(v), chunk):
+        out[s:s+chunk] = v[s:s+chunk]
+        release_pages(out)
     return out
 
 # %% ../nbs/04_retrieval.ipynb #fb53b158
 def _faiss():
-    try: import faiss; return faiss
+    try: import faiss
     except ImportError: return None
+    return faiss
 
-def _knn_faiss(q, db, k, chunk=262144):
-    faiss = _faiss(); d = db.shape[1]
+def _rows32(x, s, e)->np.ndarray:
+    "Rows s:e of an array, memmap, `EnsembleView` or CPU tensor as contiguous float32 (a map's pages released)"
+    a = x[s:e]
+    if isinstance(a, np.ndarray) and a.dtype == np.float16:
+        with warnings.catch_warnings():                  # a read-only map: torch only reads it
+            warnings.simplefilter('ignore', UserWarning)
+            a = torch.from_numpy(np.ascontiguousarray(a)).float().numpy()
+    release_pages(x)
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+def _merge_top(s0, i0, s1, i1, k):
+    "The best k of two candidate sets per row (ties: the first set first)"
+    s, i = np.concatenate([s0, s1], 1), np.concatenate([i0, i1], 1)
+    o = np.argsort(-s, axis=1, kind='stable')[:, :k]
+    return np.take_along_axis(s, o, 1), np.take_along_axis(i, o, 1)
+
+# %% ../nbs/04_retrieval.ipynb #c3e5a7b9
+def _knn_faiss_gpu(q, db, k, chunk=262144):
+    "faiss-gpu flat index (fp16 storage) over the non-zero rows of `db`"
+    faiss = _faiss()
+    res, cfg = faiss.StandardGpuResources(), faiss.GpuIndexFlatConfig()
+    cfg.useFloat16 = True
+    index, ids = faiss.GpuIndexFlatIP(res, db.shape[1], cfg), []
+    for s in range(0, len(db), chunk):
+        xb = _rows32(db, s, s + chunk)
+        keep = xb.any(1)
+        index.add(np.ascontiguousarray(xb[keep]))
+        ids.append(np.flatnonzero(keep) + s)
+    ids = np.concatenate(ids)
+    out = [index.search(_rows32(q, s, s + chunk), k) for s in range(0, len(q), chunk)]
+    S, I = np.concatenate([o[0] for o in out]).astype(np.float32), np.concatenate([o[1] for o in out]).astype(np.int64)
+    return np.where(I >= 0, S, -np.inf).astype(np.float32), np.where(I >= 0, ids[np.maximum(I, 0)], -1)
+
+def _knn_faiss(q, db, k, db_chunk=None, q_chunk=65536):
+    "Exact search with faiss: the GPU index when there is one, else `faiss.knn` block by block of the database"
+    faiss = _faiss()
     if torch.cuda.is_available() and hasattr(faiss, 'StandardGpuResources') and faiss.get_num_gpus() > 0:
-        res = faiss.StandardGpuResources(); cfg = faiss.GpuIndexFlatConfig(); cfg.useFloat16 = True
-        index = faiss.GpuIndexFlatIP(res, d, cfg)
-    else: index = faiss.IndexFlatIP(d)
-    for s in range(0, len(db), chunk): index.add(np.ascontiguousarray(db[s:s+chunk], dtype=np.float32))
-    out = [index.search(np.ascontiguousarray(q[s:s+chunk], dtype=np.float32), k) for s in range(0, len(q), chunk)]
-    return np.concatenate([o[0] for o in out]).astype(np.float32), np.concatenate([o[1] for o in out]).astype(np.int64)
+        return _knn_faiss_gpu(q, db, k)
+    db_chunk = db_chunk or max(1024, (256 << 20) // (4 * db.shape[1]))     # 256 MiB of float32 rows
+    S, I = np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
+    for a in range(0, len(q), q_chunk):
+        xq = _rows32(q, a, a + q_chunk)
+        for s in range(0, len(db), db_chunk):
+            xb = _rows32(db, s, s + db_chunk)
+            keep = xb.any(1)
+            ids = np.flatnonzero(keep) + s
+            if not len(ids): continue
+            sc, ix = faiss.knn(xq, xb if keep.all() else np.ascontiguousarray(xb[keep]), min(k, len(ids)),
+                               metric=faiss.METRIC_INNER_PRODUCT)
+            S[a:a+len(xq)], I[a:a+len(xq)] = _merge_top(S[a:a+len(xq)], I[a:a+len(xq)], sc, ids[ix], k)
+    return S, I
 
 # %% ../nbs/04_retrieval.ipynb #c1f5eb60
 def _on(x, dev, dt):
@@ -270,32 +439,39 @@ def _knn_torch(q, db, k, device=None, q_chunk=None, db_chunk=None):
     best_i = torch.full((len(Q), k), -1, dtype=torch.long, device=dev)
     for s in range(0, len(db), db_chunk):
         D = _on(db[s:s+db_chunk], dev, dt)
+        release_pages(db)
+        keep = D.ne(0).any(1)
+        ids = keep.nonzero()[:, 0] + s
+        if not len(ids): continue
+        if len(ids) < len(D): D = D[keep]
         for a in range(0, len(Q), q_chunk):
             qa = Q[a:a+q_chunk]
             ix = (qa @ D.T).topk(min(k, len(D)), dim=1).indices
             sc = torch.einsum('nd,nkd->nk', qa.float(), D[ix].float())           # fp32 scores, like faiss
-            cs, ci = torch.cat([best_s[a:a+q_chunk], sc], 1), torch.cat([best_i[a:a+q_chunk], ix + s], 1)
+            cs, ci = torch.cat([best_s[a:a+q_chunk], sc], 1), torch.cat([best_i[a:a+q_chunk], ids[ix]], 1)
             top = cs.topk(k, dim=1).indices
             best_s[a:a+q_chunk], best_i[a:a+q_chunk] = cs.gather(1, top), ci.gather(1, top)
     return best_s.cpu().numpy().astype(np.float32), best_i.cpu().numpy().astype(np.int64)
 
 # %% ../nbs/04_retrieval.ipynb #cfccd19a
-def knn(q,               # [nq, D] queries (unit vectors; float16/float32, memmap ok)
-        db,              # [n, D] database
+def knn(q,               # [nq, D] queries (unit vectors; float16/float32, memmap, `EnsembleView` or tensor)
+        db,              # [n, D] database (rows of zeros are never returned)
         k=10,            # neighbours per query
-        backend='auto',  # 'auto', 'faiss' or 'torch'
+        backend='auto',  # 'auto', 'faiss', 'torch', or a function (q, db, k) -> (scores, idx)
         device=None)->tuple:
     "Exact inner-product kNN: `(scores float32 [nq, k], idx int64 [nq, k])`, best first"
     if q.shape[1] != db.shape[1]: raise GLRError(f"knn: query dim {q.shape[1]} != database dim {db.shape[1]}")
     k = min(k, len(db))
+    if callable(backend): return backend(q, db, k)
     if backend == 'auto':
-        fa = _faiss(); gpu = torch.cuda.is_available() and device != 'cpu'
-        backend = 'faiss' if fa is not None and (not gpu or (hasattr(fa, 'StandardGpuResources') and fa.get_num_gpus() > 0)) else 'torch'
+        fa, gpu = _faiss(), torch.cuda.is_available() and device != 'cpu'
+        fa_ok = fa is not None and (not gpu or (hasattr(fa, 'StandardGpuResources') and fa.get_num_gpus() > 0))
+        backend = 'faiss' if fa_ok else 'torch'
     if backend == 'faiss':
         if _faiss() is None: raise GLRError("knn: faiss is not installed; pip install faiss-cpu (or faiss-gpu), or use backend='torch'")
         return _knn_faiss(q, db, k)
     if backend == 'torch': return _knn_torch(q, db, k, device)
-    raise GLRError(f"knn: unknown backend {backend!r}; use 'auto', 'faiss' or 'torch'")
+    raise GLRError(f"knn: unknown backend {backend!r}; use 'auto', 'faiss', 'torch' or a function")
 
 # %% ../nbs/04_retrieval.ipynb #20fb120b
 def query_expansion(x,          # [n, D] vectors to expand (unit)
@@ -334,7 +510,7 @@ def search(q,              # [nq, D] query embeddings (unit vectors)
            backend='auto')->CandList:
     "The top-k inner-product neighbours of each query with their labels (the reference's `do_retrieval`)"
     s, i = knn(q, db, k, backend)
-    lab = np.full(i.shape, -1, np.int64) if labels is None else np.asarray(labels, np.int64)[i]
+    lab = np.full(i.shape, -1, np.int64) if labels is None else np.where(i >= 0, np.asarray(labels, np.int64)[i], -1)
     return CandList(i, lab, s)
 
 # %% ../nbs/04_retrieval.ipynb #8f1b3afd
@@ -347,8 +523,8 @@ def model_lists(q_embs:dict,       # model -> [nq, D_m] query embeddings, in ens
     "The reference's lists: 'm0' searched with the weighted ensemble, then 'm1', 'm2', ... with each model alone"
     if set(q_embs) != set(db_embs): raise GLRError(f"lists: query models {list(q_embs)} != database models {list(db_embs)}")
     db_embs = {m: db_embs[m] for m in q_embs}
-    db_ens = ensemble(db_embs, weights) if db_ens is None else db_ens
-    out = {'m0': search(ensemble(q_embs, weights), db_ens, k, labels, backend)}
+    db_ens = EnsembleView(db_embs, weights) if db_ens is None else db_ens
+    out = {'m0': search(EnsembleView(q_embs, weights), db_ens, k, labels, backend)}
     for i, m in enumerate(q_embs, 1): out[f'm{i}'] = search(q_embs[m], db_embs[m], k, labels, backend)
     return out
 
@@ -450,15 +626,17 @@ def glr_extract(checkpoint:str=None, # model checkpoint (.pth) written by glr_tr
                 img_size:int=800,    # square image size (the reference's 800)
                 bs:int=32,           # batch size
                 num_workers:int=2,   # data loader workers
-                device:str=None):    # cuda or cpu (default: cuda when present)
-    "Extract (or resume) cached embeddings of one image set with one checkpoint"
+                device:str=None,     # cuda or cpu (default: cuda when present)
+                chunk:int=8192,      # rows per resumable chunk (the unit of sharding across ranks)
+                max_bad_frac:float=0.01):  # refuse a set with a larger share of unreadable images
+    "Extract (or resume) cached embeddings of one image set with one checkpoint; shards under torchrun"
     if not checkpoint: raise GLRError("pass --checkpoint PATH")
     df = image_set(core.data_dir(data_dir), images)
-    if torch.cuda.is_available() and int(os.environ.get('WORLD_SIZE', 1)) > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group('nccl'); torch.cuda.set_device(int(os.environ['LOCAL_RANK']))
-    m, ids = embed_checkpoint(checkpoint, df['path'].tolist(), df['id'].tolist(), core.result_dir(result_dir)/'features', images,
-                              img_size, bs, device, num_workers) or (None, None)
-    if m is not None: print(f"{images}: {m.shape[0]} x {m.shape[1]} embeddings in {m.filename}")
+    rank, _ = core.init_distributed(device)
+    feats = core.result_dir(result_dir)/'features'
+    m, ids = embed_checkpoint(checkpoint, df['path'].tolist(), df['id'].tolist(), feats, images, img_size, bs, device,
+                              num_workers, chunk, max_bad_frac=max_bad_frac)
+    if rank == 0: print(f"{images}: {m.shape[0]} x {m.shape[1]} embeddings in {m.filename}")
 
 # %% ../nbs/04_retrieval.ipynb #523da9d9
 def bench_knn(n=100_000, nq=None, d=512, k=10, backends=('faiss', 'torch'), device=None)->list:

@@ -343,18 +343,21 @@ def _write(s, out, preds, gaps, val_gaps, sets, sol, lab2lm, seconds, matcher):
 def run_submit(s:SubmitSettings, # the run's settings
                log=None          # logger (default: 'glr_submit', also to OUT_DIR/submit.log)
               )->SubmitRun:
-    "Embed, retrieve, vote, re-rank, stack and write the submission; each stage cached under RESULT_DIR"
+    "Embed, retrieve, vote, re-rank, stack, write the submission; under torchrun every rank embeds and re-ranks its share"
     seconds = {}
     log = log or get_logger('glr_submit')
+    rank, _ = core.init_distributed(s.device)
     with _timed(seconds, 'data', log): ck, sets, sol, rd, out = _inputs(s, log)
     log = get_logger('glr_submit', out/'submit.log')
     with _timed(seconds, 'embed', log): embs = embed_sets(ck, sets, rd/'features', s.img_size, s.bs, s.device, s.workers)
     qs = {'test': 'index'} | ({'val_query': 'val_index'} if 'val_query' in sets else {})
-    with _timed(seconds, 'retrieve', log): R = {q: _retrieve_stage(s, rd, ck, sets, embs, q, d, log) for q, d in qs.items()}
+    with _timed(seconds, 'retrieve', log), core.rank_zero_first():      # the other ranks read rank 0's stage cache
+        R = {q: _retrieve_stage(s, rd, ck, sets, embs, q, d, log) for q, d in qs.items()}
     matcher = _matcher(s, log) if s.rerank else None
     if s.rerank:
         with _timed(seconds, 'rerank', log):
             for q, d in qs.items(): R[q].update(_rerank_stage(s, rd, sets, R[q], q, d, matcher, log))
+    if rank > 0: return None                                              # rank 0 votes, stacks and writes
     with _timed(seconds, 'vote', log):
         preds = _votes(s, R['test'], sets['test']['id'])
         vpreds = _votes(s, R['val_query'], sets['val_query']['id']) if 'val_query' in R else {}
@@ -377,6 +380,7 @@ def run_submit(s:SubmitSettings, # the run's settings
 def glr_submit(s:SubmitSettings):  # the pipeline's settings (flags)
     "Predict the test set and write submission.csv (embed, retrieve, re-rank, stack; every stage cached)"
     r = run_submit(s)
+    if r is None: return None                                     # a torchrun rank > 0: its share is done
     print(f"wrote {r.submission} ({len(r.sets['test'])} test ids, final stage {r.metrics['final_stage']})")
     print(json.dumps({k_: v for k_, v in r.metrics.items() if k_.startswith('gap_')}))
     return r.submission
