@@ -238,7 +238,8 @@ def result_dir(path=None  # explicit folder; else `$GLR_RESULT_DIR`
               )->Path:
     "The results folder (models, features, submissions); created if missing"
     p = _dir_from(path, 'GLR_RESULT_DIR', 'result directory')
-    if p.exists() and not p.is_dir(): raise GLRError(f"{p}: is a file, not a folder; pass a folder as the result directory")
+    if p.exists() and not p.is_dir():
+        raise GLRError(f"{p}: is a file, not a folder; pass a folder as the result directory")
     p.mkdir(parents=True, exist_ok=True)
     return p
 
@@ -472,7 +473,8 @@ def get_device(device=None  # 'cpu', 'cuda', 'cuda:N', or None/'auto' (cuda when
     if device in (None, '', 'auto'): return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     try: d = torch.device(device)
     except (RuntimeError, TypeError): d = None
-    if d is None or d.type not in ('cpu', 'cuda'): raise GLRError(f"unknown device {device!r}: use cpu, cuda, cuda:N or auto")
+    if d is None or d.type not in ('cpu', 'cuda'):
+        raise GLRError(f"unknown device {device!r}: use cpu, cuda, cuda:N or auto")
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if d.type == 'cuda' and (d.index or 0) >= n:
         raise GLRError(f"device {device!r}: {n} CUDA GPU(s) visible; use --device cpu (or auto)")

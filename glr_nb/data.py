@@ -38,7 +38,8 @@ def read_gld_csv(path,          # a GLDv2 CSV file
     if path.is_dir(): raise GLRError(f"{path}: is a folder where a CSV file is needed; pass the file")
     if not path.is_file(): raise GLRError(f"{path}: file not found; check DATA_DIR (raw/ holds the GLDv2 CSVs)")
     try: head = list(pd.read_csv(path, nrows=0).columns)
-    except Exception as e: raise GLRError(f"{path}: cannot read as CSV ({type(e).__name__}: {e}); re-download the file") from None
+    except Exception as e:
+        raise GLRError(f"{path}: cannot read as CSV ({type(e).__name__}: {e}); re-download the file") from None
     miss = [c for c in cols if c not in head]
     if miss: raise GLRError(f"{path}: line 1: missing column(s) {miss} (header is {head}); expected {list(cols)}")
     try: df = pd.read_csv(path, usecols=list(cols), dtype=cols, keep_default_na=False, na_filter=False)
@@ -82,7 +83,8 @@ def image_path(img_dir,  # an images/{train,test,index} folder
                id):      # 16-hex image id
     "Path of image `id`: nested `a/b/c/<id>.jpg` unless only the flat `<id>.jpg` exists"
     if not isinstance(id, str) or not HEX_ID.match(id): check_ids([str(id)], 'image id', 1)
-    d = Path(img_dir); nested = d/id[0]/id[1]/id[2]/f'{id}.jpg'
+    d = Path(img_dir)
+    nested = d/id[0]/id[1]/id[2]/f'{id}.jpg'
     return d/f'{id}.jpg' if not nested.exists() and (d/f'{id}.jpg').exists() else nested
 
 def _is_flat(d, first):
@@ -94,9 +96,11 @@ def image_paths(img_dir,     # an images/{train,test,index} folder
                 ids,         # sequence of 16-hex ids (validated)
                 source=''):  # file the ids came from, for error messages
     "Vectorised `image_path`: one layout decision per folder; returns an object array of str"
-    s = pd.Series(np.asarray(ids, dtype=object)); check_ids(s, source or 'ids')
+    s = pd.Series(np.asarray(ids, dtype=object))
+    check_ids(s, source or 'ids')
     if not len(s): return np.array([], dtype=object)
-    d = Path(img_dir); pre = str(d) + os.sep
+    d = Path(img_dir)
+    pre = str(d) + os.sep
     if _is_flat(d, s.iloc[0]): return (pre + s + '.jpg').to_numpy()
     return (pre + s.str[0] + os.sep + s.str[1] + os.sep + s.str[2] + os.sep + s + '.jpg').to_numpy()
 
@@ -155,7 +159,9 @@ def split_v2x(train,   # train.csv DataFrame (id, landmark_id)
               tc,      # train_clean DataFrame
               valid):  # v2c validation DataFrame (excluded)
     "The v2x training set: all train.csv images of train_clean landmarks (v2c labels), minus the v2c validation images"
-    lids = tc.landmark_id.to_numpy(); order = np.argsort(lids, kind='stable'); sl = lids[order]
+    lids = tc.landmark_id.to_numpy()
+    order = np.argsort(lids, kind='stable')
+    sl = lids[order]
     pos = np.searchsorted(sl, train.landmark_id.to_numpy()).clip(0, len(sl) - 1)
     keep = (sl[pos] == train.landmark_id.to_numpy()) & ~train.id.isin(valid.id).to_numpy()
     return pd.DataFrame(dict(id=train.id.to_numpy()[keep], landmark_id=order[pos[keep]].astype(np.int32),
@@ -282,7 +288,9 @@ def make_splits(data_dir,         # DATA_DIR holding raw/
                 valid_num=20000,  # stacker validation queries (the reference's 20,000)
                 n_gallery=5000):  # non-landmark gallery size (the reference's 5,000)
     "Write DATA_DIR/split/ (train2020, v2c, v2x, nonlandmark, val/{query,index}, split.json); return {file: rows}"
-    d = Path(data_dir); raw, out = d/'raw', d/'split'; log = get_logger('glr_nb.data')
+    d = Path(data_dir)
+    raw, out = d/'raw', d/'split'
+    log = get_logger('glr_nb.data')
     args = dict(seed=seed, n_valid=n_valid, min_images=min_images, valid_num=valid_num, n_gallery=n_gallery)
     tc = read_train_clean(raw/'train_clean.csv')
     rep = np.flatnonzero(tc.landmark_id.duplicated().to_numpy())
@@ -345,7 +353,9 @@ def synth_gld(d,                   # folder to write raw/ into
               n_sol=117_577,       # 2019 recognition solution rows
               seed=0):
     "Write a synthetic full-size raw/{train,train_clean,test,recognition_solution_v2.1}.csv; returns counts"
-    rng = np.random.default_rng(seed); raw = Path(d)/'raw'; raw.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    raw = Path(d)/'raw'
+    raw.mkdir(parents=True, exist_ok=True)
     ids, lid = _hex(rng, n_rows), rng.integers(0, n_landmarks, n_rows).astype(np.int32)
     clean = np.sort(rng.choice(n_landmarks, n_classes, replace=False)).astype(np.int32)
     lb = lid.astype('S6')
@@ -354,11 +364,14 @@ def synth_gld(d,                   # folder to write raw/ into
         f.write(b''.join(np.char.add(np.char.add(np.char.add(np.char.add(ids, b',https://upload.wikimedia.org/wikipedia/commons/'), ids), b'.jpg,'), np.char.add(lb, b'\n'))))
     sel = np.flatnonzero(np.isin(lid, clean) & (rng.random(n_rows) < .96))
     sel = sel[np.argsort(lid[sel], kind='stable')]
-    cut = np.searchsorted(lid[sel], clean); end = np.r_[cut[1:], len(sel)]
-    keep = end > cut; allids = b' '.join(ids[sel])
+    cut = np.searchsorted(lid[sel], clean)
+    end = np.r_[cut[1:], len(sel)]
+    keep = end > cut
+    allids = b' '.join(ids[sel])
     lines = [b'%d,%s\n' % (l, allids[s*17:e*17 - 1]) for l, s, e in zip(clean[keep], cut[keep], end[keep])]
     (raw/'train_clean.csv').write_bytes(b'landmark_id,images\n' + b''.join(lines))
-    sid = _hex(rng, n_sol); lm = np.where(rng.random(n_sol) < .02, rng.choice(clean, n_sol).astype('S6'), b'')
+    sid = _hex(rng, n_sol)
+    lm = np.where(rng.random(n_sol) < .02, rng.choice(clean, n_sol).astype('S6'), b'')
     (raw/'recognition_solution_v2.1.csv').write_bytes(b'id,landmarks,Usage\n' + b''.join(np.char.add(np.char.add(np.char.add(sid, b','), lm), b',Private\n')))
     (raw/'test.csv').write_bytes(b'id\n' + b''.join(np.char.add(sid[:10_345], b'\n')))
     return dict(train=n_rows, train_clean=int(keep.sum()), clean_images=len(sel), solution=n_sol)
@@ -368,12 +381,16 @@ def bench_split(n_rows=4_132_914,   # train.csv rows
                 seed=0) -> list:
     "Time `glr_split` on a synthetic GLDv2-sized dataset in a fresh process: wall seconds and peak RSS"
     with tempfile.TemporaryDirectory() as d:
-        t0 = time.time(); sizes = synth_gld(d, n_rows, n_classes, seed=seed); t_gen = time.time() - t0
+        t0 = time.time()
+        sizes = synth_gld(d, n_rows, n_classes, seed=seed)
+        t_gen = time.time() - t0
         code = f"import time; t=time.time(); from glr_nb.data import make_splits; c=make_splits({d!r}); print(time.time()-t)"
-        t0 = time.time(); p = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
+        t0 = time.time()
+        p = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
         wall = time.time() - t0
         if p.returncode: raise RuntimeError(p.stderr[-2000:])
         rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss/2**20   # GiB (ru_maxrss is KiB on Linux)
-    r = [dict(bench='split', **sizes, gen_s=round(t_gen, 1), wall_s=round(wall, 1), inner_s=round(float(p.stdout.split()[-1]), 1), peak_rss_gb=round(rss, 2))]
+    r = [dict(bench='split', **sizes, gen_s=round(t_gen, 1), wall_s=round(wall, 1),
+              inner_s=round(float(p.stdout.split()[-1]), 1), peak_rss_gb=round(rss, 2))]
     for o in r: print(json.dumps(o))
     return r

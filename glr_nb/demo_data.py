@@ -38,7 +38,8 @@ def load_photo(pkg,              # 'sk' (scikit-image), 'skl' (scikit-learn) or 
     "An RGB uint8 array of a photo shipped with an installed package, cropped to `box` and resized; None if absent"
     p = _photo_dirs()[pkg]/fname
     if not p.is_file(): return None
-    im = Image.open(p).convert('RGB'); w, h = im.size
+    im = Image.open(p).convert('RGB')
+    w, h = im.size
     im = im.crop((round(box[0]*w), round(box[1]*h), round(box[2]*w), round(box[3]*h)))
     s = long_side/max(im.size)
     return np.asarray(im.resize((max(1, round(im.size[0]*s)), max(1, round(im.size[1]*s))), Image.BILINEAR))
@@ -61,7 +62,9 @@ def _col(rng, lo=0, hi=255): return tuple(int(v) for v in rng.integers(lo, hi, 3
 
 def _building(img, rng, x0, x1, top):
     "Draw one textured building with windows, a door and a sign into `img` (in place)"
-    H = img.shape[0]; w = x1 - x0; h = H - top
+    H = img.shape[0]
+    w = x1 - x0
+    h = H - top
     base = np.array(_col(rng, 60, 230), np.float32)
     img[top:, x0:x1] = np.clip(base + 28*noise_texture(rng, h, w), 0, 255).astype(np.uint8)
     rows, cols = rng.integers(3, 9), rng.integers(2, 7)
@@ -71,14 +74,17 @@ def _building(img, rng, x0, x1, top):
     for r in range(rows):
         for c in range(cols):
             x, y = int(x0 + mx + c*cw + (cw-ww)/2), int(top + my + r*ch + (ch-wh)/2)
-            cv2.rectangle(img, (x, y), (int(x+ww), int(y+wh)), _col(rng, 0, 255) if rng.random() < .3 else _col(rng, 10, 70), -1)
+            cv2.rectangle(img, (x, y), (int(x+ww), int(y+wh)),
+                          _col(rng, 0, 255) if rng.random() < .3 else _col(rng, 10, 70), -1)
             cv2.rectangle(img, (x, y), (int(x+ww), int(y+wh)), _col(rng, 150, 255), 1)
             if arch: cv2.ellipse(img, (int(x+ww/2), y), (int(ww/2), int(ww/3)), 0, 180, 360, _col(rng), -1)
-    dw = int(w*rng.uniform(.12, .25)); dx = x0 + int(rng.uniform(.1, .9)*(w - dw))
+    dw = int(w*rng.uniform(.12, .25))
+    dx = x0 + int(rng.uniform(.1, .9)*(w - dw))
     cv2.rectangle(img, (dx, H - int(h*.16)), (dx + dw, H), _col(rng, 0, 120), -1)
     txt = ''.join(rng.choice(list('ABCDEFGHJKLMNPRSTUVWXYZ0123456789'), rng.integers(3, 7)))
     sy = top + int(h*rng.uniform(.02, .6))
-    cv2.putText(img, txt, (x0 + int(mx), sy), _FONTS[rng.integers(len(_FONTS))], w/260, _col(rng), max(1, w//90), cv2.LINE_AA)
+    cv2.putText(img, txt, (x0 + int(mx), sy), _FONTS[rng.integers(len(_FONTS))], w/260, _col(rng), max(1, w//90),
+                cv2.LINE_AA)
 
 def facade(rng,               # numpy Generator: the landmark's identity
            h=256, w=256,      # picture size
@@ -95,7 +101,8 @@ def facade(rng,               # numpy Generator: the landmark's identity
 # %% ../nbs/01b_demo_data.ipynb #488c81a8
 def indoor(rng, h=256, w=256):  # numpy Generator, picture size
     "An indoor-like scene: wall and floor gradients, furniture boxes, a picture frame and a lamp"
-    img = np.empty((h, w, 3), np.float32); fy = int(rng.uniform(.5, .8)*h)
+    img = np.empty((h, w, 3), np.float32)
+    fy = int(rng.uniform(.5, .8)*h)
     img[:fy] = np.array(_col(rng, 120, 250)) + 8*noise_texture(rng, fy, w)
     img[fy:] = np.array(_col(rng, 40, 160)) + 15*noise_texture(rng, h - fy, w, scales=(2, 6))
     for _ in range(rng.integers(2, 6)):
@@ -103,7 +110,8 @@ def indoor(rng, h=256, w=256):  # numpy Generator, picture size
         cv2.rectangle(img, (x, y), (x + int(rng.integers(20, w//2)), y + int(rng.integers(15, h//3))), _col(rng), -1)
     x, y = int(rng.integers(10, w - 60)), int(rng.integers(5, max(6, fy - 60)))
     cv2.rectangle(img, (x, y), (x + 50, y + 40), _col(rng), 3)
-    cv2.circle(img, (int(rng.integers(20, w - 20)), int(rng.integers(10, fy))), int(rng.integers(5, 20)), (255, 250, 210), -1)
+    cv2.circle(img, (int(rng.integers(20, w - 20)), int(rng.integers(10, fy))), int(rng.integers(5, 20)),
+               (255, 250, 210), -1)
     return np.clip(cv2.GaussianBlur(img, (0, 0), 1.0), 0, 255).astype(np.uint8)
 
 def face(rng, h=256, w=256):  # numpy Generator, picture size
@@ -111,7 +119,8 @@ def face(rng, h=256, w=256):  # numpy Generator, picture size
     img = np.array(_col(rng), np.float32) + 30*noise_texture(rng, h, w, scales=(16, 48))
     cx, cy, ax, ay = w//2 + int(rng.integers(-30, 30)), h//2 + int(rng.integers(-20, 20)), int(rng.integers(50, 80)), int(rng.integers(65, 100))
     cv2.ellipse(img, (cx, cy - ay//3), (ax + 8, ay), 0, 180, 360, _col(rng, 0, 120), -1)
-    cv2.ellipse(img, (cx, cy), (ax, ay), 0, 0, 360, (int(rng.integers(150, 240)), int(rng.integers(110, 190)), int(rng.integers(80, 160))), -1)
+    cv2.ellipse(img, (cx, cy), (ax, ay), 0, 0, 360,
+                (int(rng.integers(150, 240)), int(rng.integers(110, 190)), int(rng.integers(80, 160))), -1)
     for s in (-1, 1): cv2.circle(img, (cx + s*ax//2, cy - ay//4), int(rng.integers(5, 11)), _col(rng, 0, 90), -1)
     cv2.ellipse(img, (cx, cy + ay//2), (ax//3, int(rng.integers(4, 14))), 0, 0, 180, (120, 30, 40), -1)
     return np.clip(cv2.GaussianBlur(img, (0, 0), 1.5), 0, 255).astype(np.uint8)
@@ -123,10 +132,15 @@ def noise_scene(rng, h=256, w=256):  # numpy Generator, picture size
 # %% ../nbs/01b_demo_data.ipynb #2604885c
 def _homography(rng, h, w, oh, ow, zoom=(.5, 1.15), persp=.08, rot=10):
     s = rng.uniform(*zoom)
-    cw = w*s; ch = cw*oh/ow
-    if ch > h*zoom[1]: ch = h*s; cw = ch*ow/oh
-    cx = rng.uniform(min(cw/2, w/2), max(w - cw/2, w/2)); cy = rng.uniform(min(ch/2, h/2), max(h - ch/2, h/2))
-    a = math.radians(np.clip(rng.normal(0, rot), -2*rot, 2*rot)); R = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+    cw = w*s
+    ch = cw*oh/ow
+    if ch > h*zoom[1]:
+        ch = h*s
+        cw = ch*ow/oh
+    cx = rng.uniform(min(cw/2, w/2), max(w - cw/2, w/2))
+    cy = rng.uniform(min(ch/2, h/2), max(h - ch/2, h/2))
+    a = math.radians(np.clip(rng.normal(0, rot), -2*rot, 2*rot))
+    R = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
     q = np.array([[-cw/2, -ch/2], [cw/2, -ch/2], [cw/2, ch/2], [-cw/2, ch/2]]) @ R.T + [cx, cy]
     q += rng.normal(0, persp*min(cw, ch), (4, 2))
     dst = np.array([[0, 0], [ow, 0], [ow, oh], [0, oh]], np.float32)
@@ -137,7 +151,9 @@ def _photometric(img, rng):
     if rng.random() < .1: x = x.mean(2, keepdims=True).repeat(3, 2)
     x = x*rng.uniform(.8, 1.2, 3) * rng.uniform(.75, 1.3)
     x = (x - x.mean())*rng.uniform(.7, 1.3) + x.mean() + rng.uniform(-25, 25)
-    h, w = x.shape[:2]; d = rng.normal(size=2); g = (np.arange(w)[None]*d[0]/w + np.arange(h)[:, None]*d[1]/h)
+    h, w = x.shape[:2]
+    d = rng.normal(size=2)
+    g = (np.arange(w)[None]*d[0]/w + np.arange(h)[:, None]*d[1]/h)
     x = x*(1 + rng.uniform(0, .35)*(g - g.mean()))[..., None]          # a shadow / lighting gradient
     return x
 
@@ -146,7 +162,8 @@ def render_view(base,        # uint8 [H,W,3] landmark (or scene) picture
                 long_side=(128, 160),  # output long side range in px
                 hard=1.0):   # scales occlusion / clutter probability
     "A random view of `base`: warp + clutter + lighting + occlusion + noise (uint8 [h,w,3])"
-    L = int(rng.integers(long_side[0], long_side[1] + 1)); ar = float(rng.choice([4/3, 3/2, 1., 3/4, 2/3]))
+    L = int(rng.integers(long_side[0], long_side[1] + 1))
+    ar = float(rng.choice([4/3, 3/2, 1., 3/4, 2/3]))
     ow, oh = (L, round(L/ar)) if ar >= 1 else (round(L*ar), L)
     H = _homography(rng, *base.shape[:2], oh, ow)
     img = cv2.warpPerspective(base, H, (ow, oh), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
@@ -154,7 +171,8 @@ def render_view(base,        # uint8 [H,W,3] landmark (or scene) picture
     clutter = np.clip(np.array(_col(rng, 30, 220)) + 45*noise_texture(rng, oh, ow, scales=(2, 8, 32)), 0, 255)
     x = np.where(m[..., None] > 127, img, clutter)
     for _ in range(rng.binomial(3, .2*hard)):                                 # occluders: people, cars, poles
-        c = (int(rng.integers(0, ow)), int(rng.integers(0, oh))); ax = (int(rng.integers(5, ow//4)), int(rng.integers(5, oh//3)))
+        c = (int(rng.integers(0, ow)), int(rng.integers(0, oh)))
+        ax = (int(rng.integers(5, ow//4)), int(rng.integers(5, oh//3)))
         if rng.random() < .5: cv2.ellipse(x, c, ax, 0, 0, 360, _col(rng), -1)
         else: cv2.rectangle(x, (c[0] - ax[0], c[1] - ax[1]), (c[0] + ax[0], c[1] + ax[1]), _col(rng), -1)
     x = _photometric(x, rng)
@@ -165,7 +183,9 @@ def render_view(base,        # uint8 [H,W,3] landmark (or scene) picture
 def jpeg_bytes(img,         # uint8 [h,w,3] RGB
                quality=90):  # JPEG quality
     "Encode a uint8 RGB array as JPEG bytes"
-    b = io.BytesIO(); Image.fromarray(img).save(b, 'JPEG', quality=int(quality)); return b.getvalue()
+    b = io.BytesIO()
+    Image.fromarray(img).save(b, 'JPEG', quality=int(quality))
+    return b.getvalue()
 
 # %% ../nbs/01b_demo_data.ipynb #4852b970
 DEMO_SIZES = dict(n_landmarks=48,        # clean landmark classes (in train_clean.csv)
@@ -183,14 +203,16 @@ DEMO_SIZES = dict(n_landmarks=48,        # clean landmark classes (in train_clea
 def _hex_ids(rng, n):
     "n distinct 16-hex ids"
     ids = np.unique(np.frombuffer(rng.bytes(8*n*2), dtype='>u8'))[:n*2]
-    rng.shuffle(ids); ids = ids[:n]
+    rng.shuffle(ids)
+    ids = ids[:n]
     assert len(ids) == n
     return np.array([f'{int(v):016x}' for v in ids], dtype=object)
 
 # %% ../nbs/01b_demo_data.ipynb #529fa0b2
 def _plan(sizes, seed):
     "The table of every image to render: id, subset, base (class index or -1), role, landmark id"
-    z = sizes; rng = np.random.default_rng([seed, 0])
+    z = sizes
+    rng = np.random.default_rng([seed, 0])
     n_lm, n_oth = z['n_landmarks'], z['n_other']
     lids = rng.choice(203_094, n_lm + n_oth, replace=False).astype(np.int64)
     clean_lids, other_lids = np.sort(lids[:n_lm]), lids[n_lm:]
@@ -201,8 +223,10 @@ def _plan(sizes, seed):
     rows = []  # (subset, role, class index into [clean..., other...], count)
     for c in range(n_lm):
         rows += [('train', 'clean', c)]*counts[c] + [('train', 'v2x', c)]*rng.binomial(counts[c], z['v2x_extra'])
-    for c in range(n_oth): rows += [('train', 'other', n_lm + c)]*int(rng.integers(z['other_images'][0], z['other_images'][1] + 1))
-    if z['n_2019'] and not n_oth: raise GLRError("make_demo_dataset: n_2019 > 0 needs n_other >= 1 (its images go to those landmarks)")
+    for c in range(n_oth):
+        rows += [('train', 'other', n_lm + c)]*int(rng.integers(z['other_images'][0], z['other_images'][1] + 1))
+    if z['n_2019'] and not n_oth:
+        raise GLRError("make_demo_dataset: n_2019 > 0 needs n_other >= 1 (its images go to those landmarks)")
     if z['n_2019']: rows += [('train', 'other', n_lm + int(c)) for c in rng.choice(n_oth, z['n_2019'])]
     k = int(round(z['n_test']/(1 + z['nl_ratio'])))
     rows += [('test', 'test', int(c)) for c in rng.choice(n_lm, k)] + [('test', 'test', -1)]*(z['n_test'] - k)
@@ -222,8 +246,11 @@ def _bases(n_clean, n_other, seed):
     photos = [photos[i] for i in rng.permutation(len(photos))][:n_clean]
     out = []
     for c in range(n_clean + n_other):
-        if c < len(photos) and c < n_clean: out.append(photos[c]); continue
-        r = np.random.default_rng([seed, 2, c]); kind = 'skyline' if r.random() < .3 else 'facade'
+        if c < len(photos) and c < n_clean:
+            out.append(photos[c])
+            continue
+        r = np.random.default_rng([seed, 2, c])
+        kind = 'skyline' if r.random() < .3 else 'facade'
         out.append((f'{kind}:{c}', facade(r, 256, 320, n_buildings=int(r.integers(3, 5))) if kind == 'skyline' else facade(r, 320, 256)))
     clean = [out[i] for i in rng.permutation(n_clean)]
     return clean + out[n_clean:]
@@ -232,13 +259,17 @@ _NL_PHOTOS = None
 def _nl_base(rng):
     "A fresh non-landmark picture from one of five families"
     global _NL_PHOTOS
-    if _NL_PHOTOS is None: _NL_PHOTOS = [im for p, f in NONLANDMARK_PHOTOS if (im := load_photo(p, f, long_side=400)) is not None]
+    if _NL_PHOTOS is None:
+        _NL_PHOTOS = [im for p, f in NONLANDMARK_PHOTOS if (im := load_photo(p, f, long_side=400)) is not None]
     k = rng.choice(5, p=[.2, .25, .15, .25, .15])
     if k == 0: return 'noise', noise_scene(rng)
     if k == 1: return 'indoor', indoor(rng)
     if k == 2: return 'face', face(rng)
     if k == 3 and _NL_PHOTOS:
-        im = _NL_PHOTOS[rng.integers(len(_NL_PHOTOS))]; h, w = im.shape[:2]; m = min(h, w); s = int(rng.integers(min(120, m), m + 1))
+        im = _NL_PHOTOS[rng.integers(len(_NL_PHOTOS))]
+        h, w = im.shape[:2]
+        m = min(h, w)
+        s = int(rng.integers(min(120, m), m + 1))
         y, x = int(rng.integers(0, h - s + 1)), int(rng.integers(0, w - s + 1))
         return 'photo', cv2.resize(im[y:y+s, x:x+s], (256, 256))
     return 'facade', facade(rng, 320, 256)
@@ -249,14 +280,16 @@ def _write_csvs(raw, plan, clean_lids, rng):
     save_csv(pd.DataFrame(dict(id=tr.id, url='https://upload.wikimedia.org/glr_demo/' + tr.id + '.jpg',
                                landmark_id=tr.landmark_id)), raw/'train.csv')
     cl = plan[plan.role == 'clean']
-    save_csv(cl.groupby('landmark_id').id.agg(' '.join).reindex(clean_lids).rename('images').reset_index(), raw/'train_clean.csv')
+    save_csv(cl.groupby('landmark_id').id.agg(' '.join).reindex(clean_lids).rename('images').reset_index(),
+             raw/'train_clean.csv')
     te = plan[plan.role == 'test'].copy()
     te['landmarks'] = np.where(te.landmark_id >= 0, te.landmark_id.astype(str), '')
     multi = (te.landmark_id >= 0) & (rng.random(len(te)) < .05)           # a few images show two landmarks
     oth = plan.landmark_id[plan.role == 'other'].unique()
     te.loc[multi, 'landmarks'] += ' ' + pd.Series(rng.choice(oth, multi.sum()), index=te.index[multi]).astype(str)
     te['Usage'] = np.where(rng.random(len(te)) < 1/3, 'Public', 'Private')
-    save_csv(te[['id', 'landmarks', 'Usage']].sample(frac=1, random_state=rng.integers(1 << 31)), raw/'recognition_solution_v2.1.csv')
+    save_csv(te[['id', 'landmarks', 'Usage']].sample(frac=1, random_state=rng.integers(1 << 31)),
+             raw/'recognition_solution_v2.1.csv')
     q = te
     save_csv(q[['id']], raw/'test.csv')
     save_csv(pd.DataFrame(dict(id=q.id, landmarks='')), raw/'sample_submission.csv')
@@ -264,7 +297,8 @@ def _write_csvs(raw, plan, clean_lids, rng):
     save_csv(ix[['id']], raw/'index.csv')
     g = ix[ix.landmark_id >= 0].groupby('landmark_id').id.agg(' '.join)
     imgs = q.landmark_id.map(g).fillna('None')
-    save_csv(pd.DataFrame(dict(id=q.id, images=imgs, Usage=np.where(imgs == 'None', 'Ignored', q.Usage))), raw/'retrieval_solution_v2.1.csv')
+    save_csv(pd.DataFrame(dict(id=q.id, images=imgs, Usage=np.where(imgs == 'None', 'Ignored', q.Usage))),
+             raw/'retrieval_solution_v2.1.csv')
 
 # %% ../nbs/01b_demo_data.ipynb #a2d249e0
 def _render(root, plan, bases, z, seed)->dict:

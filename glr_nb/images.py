@@ -158,7 +158,9 @@ def _load(self:ImageDataset, i):
     "Decode, augment, resize and normalise image `i` (raises on a bad file)"
     im, s = load_image(self.paths[i], self.size, self.keep_aspect), self.size
     if self.keep_aspect:
-        w, h = im.size; r = s/max(w, h); im = im.resize((max(1, round(w*r)), max(1, round(h*r))), Image.BILINEAR)
+        w, h = im.size
+        r = s/max(w, h)
+        im = im.resize((max(1, round(w*r)), max(1, round(h*r))), Image.BILINEAR)
     elif self.aug is not None: im = augment(im, self.aug, s)
     else: im = im.resize((s, s), Image.BILINEAR)
     x = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
@@ -185,7 +187,8 @@ def __getitem__(self:ImageDataset, i):
     try: return self._load(i), int(self.labels[i])
     except Exception as e: self._bad(i, e)
     if self.train:
-        if self._by_label is None: self._by_label = pd.Series(np.arange(len(self))).groupby(self.labels).apply(np.array).to_dict()
+        if self._by_label is None:
+            self._by_label = pd.Series(np.arange(len(self))).groupby(self.labels).apply(np.array).to_dict()
         alt = self._by_label[self.labels[i]]
         for j in alt[torch.randperm(len(alt))[:8].numpy()]:
             if j == i: continue
@@ -200,12 +203,17 @@ def bench_decode(n=48,                 # images
                  seed=0,               # demo seed
                  reps=3) -> list:      # timing repeats; the best is reported (the CPUs are shared)
     "Decode+resize images/s on one core: ImageDataset vs naive full-size PIL decode (JSON lines)"
-    nt = torch.get_num_threads(); torch.set_num_threads(1); res = []
+    nt = torch.get_num_threads()
+    torch.set_num_threads(1)
+    res = []
     with tempfile.TemporaryDirectory() as d:
-        dd = make_demo_dataset(Path(d)/'demo', seed, n_landmarks=4, n_big=0, small_images=(3, 4), n_other=1, n_test=n, n_2019=0, n_index=0)
+        dd = make_demo_dataset(Path(d)/'demo', seed, n_landmarks=4, n_big=0, small_images=(3, 4), n_other=1, n_test=n,
+                               n_2019=0, n_index=0)
         ps = []
         for i, p in enumerate(sorted((dd/'images'/'test').rglob('*.jpg'))[:n]):
-            q = Path(d)/f'{i:04d}.jpg'; Image.open(p).convert('RGB').resize(src, Image.BICUBIC).save(q, quality=90); ps.append(str(q))
+            q = Path(d)/f'{i:04d}.jpg'
+            Image.open(p).convert('RGB').resize(src, Image.BICUBIC).save(q, quality=90)
+            ps.append(str(q))
         m, s = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
         def naive(p, sz):
             im = Image.open(p).convert('RGB').resize((sz, sz), Image.BILINEAR)
@@ -213,12 +221,14 @@ def bench_decode(n=48,                 # images
         for sz in sizes:
             ds = ImageDataset(ps, size=sz)
             for name, f in (('naive_pil', lambda i: naive(ps[i], sz)), ('ours', lambda i: ds[i])):
-                f(0); dt = math.inf
+                f(0)
+                dt = math.inf
                 for _ in range(reps):
                     t0 = time.perf_counter()
                     for i in range(len(ps)): f(i)
                     dt = min(dt, time.perf_counter() - t0)
-                res.append(dict(bench='decode', method=name, size=sz, src=f'{src[0]}x{src[1]}', n=len(ps), img_per_s_per_core=round(len(ps)/dt, 1)))
+                res.append(dict(bench='decode', method=name, size=sz, src=f'{src[0]}x{src[1]}', n=len(ps),
+                                img_per_s_per_core=round(len(ps)/dt, 1)))
                 print(json.dumps(res[-1]))
     torch.set_num_threads(nt)
     return res

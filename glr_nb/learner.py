@@ -99,9 +99,13 @@ class SeededDataset(Dataset):
         st = random.getstate(), np.random.get_state()
         try:
             with torch.random.fork_rng(devices=[]):
-                random.seed(s); np.random.seed(s % 2**32); torch.manual_seed(s)
+                random.seed(s)
+                np.random.seed(s % 2**32)
+                torch.manual_seed(s)
                 return self.ds[i]
-        finally: random.setstate(st[0]); np.random.set_state(st[1])
+        finally:
+            random.setstate(st[0])
+            np.random.set_state(st[1])
 
 # %% ../nbs/03a_learner.ipynb #dd7082ad
 @dataclasses.dataclass
@@ -181,7 +185,8 @@ def evaluate(model,              # a `GLRNet` (not DDP-wrapped)
             if ok.any():
                 losses.append(loss_func(model.head(emb[ok], y[ok]), y[ok]).item() * ok.sum().item())
                 correct += (model.head(emb[ok]).argmax(1) == y[ok]).sum().item()
-            embs.append(F.normalize(emb[ok].float())); ys.append(y[ok])
+            embs.append(F.normalize(emb[ok].float()))
+            ys.append(y[ok])
     if not ys: return dict(valid_loss=0., accuracy=0., gap=0., map100=0.)   # empty split: nothing to score
     return _loo_scores(torch.cat(embs), torch.cat(ys), sum(losses), correct)
 
@@ -190,7 +195,8 @@ def _loo_scores(e, y, loss_sum, correct)->dict:
     n = len(y)
     res = dict(valid_loss=loss_sum / max(n, 1), accuracy=correct / max(n, 1), gap=0., map100=0.)
     if n < 2: return res
-    sim = e @ e.T; sim.fill_diagonal_(-float('inf'))
+    sim = e @ e.T
+    sim.fill_diagonal_(-float('inf'))
     sc, nb = sim.topk(min(100, n - 1), dim=1)
     yl, nbl, sc = y.tolist(), nb.tolist(), sc[:, 0].tolist()
     res['gap'] = global_average_precision({i: (yl[nbl[i][0]], sc[i]) for i in range(n)}, {i: [yl[i]] for i in range(n)})
@@ -263,7 +269,8 @@ class Autocast(Callback):
     def before_backward(self): self.learn.loss_grad = self.scaler.scale(self.loss_grad)
     def before_step(self):
         if not self.scaler.is_enabled(): return
-        self.skipped = True; self.scaler.step(self)
+        self.skipped = True
+        self.scaler.step(self)
         if self.skipped: raise CancelStepException()
     def after_step(self): self.scaler.update()
     @property
@@ -460,7 +467,8 @@ def make_learner(model, raw, train_ds, bs, sampler, device, loss_func, cbs=(), l
                     wd=wd, wd_bn_bias=True, train_bn=False, cbs=[SkipValidation(), *cbs])
     learn.recorder.valid_metrics = False
     if rank != 0:
-        learn.remove_cbs([c for c in learn.cbs if isinstance(c, ProgressCallback)]); learn.logger = lambda *a: None
+        learn.remove_cbs([c for c in learn.cbs if isinstance(c, ProgressCallback)])
+        learn.logger = lambda *a: None
     learn.raw = raw
     return learn
 
@@ -468,7 +476,9 @@ def make_learner(model, raw, train_ds, bs, sampler, device, loss_func, cbs=(), l
 @dataclasses.dataclass
 class Run:
     "Where and how this process trains"
-    rank: int; world: int; device: torch.device
+    rank: int
+    world: int
+    device: torch.device
     out: Path                 # the run folder
     log: logging.Logger
     amp_dtype: object         # torch dtype for autocast, or None
@@ -760,7 +770,8 @@ def bench_train(arch='resnet18',   # architecture (the real one: tf_efficientnet
                 eager=True)->list:  # also time ours without compile
     "Images/second and peak memory of training steps: reference recipe vs ours; prints JSON lines"
     dev = torch.device(device) if device else (torch.device('cuda') if torch.cuda.is_available() else torch.device('cpu'))
-    steps = n or steps; compile = dev.type == 'cuda' if compile is None else compile
+    steps = n or steps
+    compile = dev.type == 'cuda' if compile is None else compile
     bf16 = dev.type == 'cuda' and torch.cuda.is_bf16_supported() if bf16 is None else bf16
     cfgs = [('reference', dict(bs=ref_batch, amp=None, cl=False, comp=False)),
             ('ours', dict(bs=batch or (64 if dev.type == 'cuda' else 16), amp=torch.bfloat16 if bf16 else None, cl=True, comp=False))]
@@ -768,7 +779,9 @@ def bench_train(arch='resnet18',   # architecture (the real one: tf_efficientnet
     if compile and not eager: cfgs.pop(1)
     rows = []
     for name, c in cfgs:
-        if dev.type == 'cuda': torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()
+        if dev.type == 'cuda':
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
         set_seed(0)
         raw = create_model(arch, num_classes).to(dev, memory_format=torch.channels_last if c['cl'] else torch.preserve_format)
         model = torch.compile(raw) if c['comp'] else raw
@@ -776,14 +789,18 @@ def bench_train(arch='resnet18',   # architecture (the real one: tf_efficientnet
         cbs = [ArcFaceInput(c['cl']), tm] + ([Autocast(c['amp'])] if c['amp'] else [])
         ds = _RandDS((steps + warmup) * c['bs'], img, num_classes)
         learn = make_learner(model, raw, ds, c['bs'], ResumableSampler(len(ds)), dev, LabelSmoothingLoss(), cbs)
-        learn.remove_cbs([cb for cb in learn.cbs if isinstance(cb, ProgressCallback)]); learn.logger = lambda *a: None
-        t_start = time.perf_counter(); learn.fit(1)
+        learn.remove_cbs([cb for cb in learn.cbs if isinstance(cb, ProgressCallback)])
+        learn.logger = lambda *a: None
+        t_start = time.perf_counter()
+        learn.fit(1)
         dt = time.perf_counter() - tm.t0
         mem = torch.cuda.max_memory_allocated() / 2**20 if dev.type == 'cuda' else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         row = dict(config=name, arch=arch, img=img, batch=c['bs'], amp=str(c['amp']).replace('torch.', ''),
                    channels_last=c['cl'], compile=c['comp'], device=str(dev), img_per_s=round(tm.n / dt, 2),
-                   peak_mem_mb=round(mem, 1), mem_kind='cuda_max_allocated' if dev.type == 'cuda' else 'process_max_rss',
+                   peak_mem_mb=round(mem, 1),
+                   mem_kind='cuda_max_allocated' if dev.type == 'cuda' else 'process_max_rss',
                    total_s=round(time.perf_counter() - t_start, 2))
-        print(json.dumps(row), flush=True); rows.append(row)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
         del learn, model, raw
     return rows

@@ -52,7 +52,8 @@ def sample_descriptors(kp:torch.Tensor,   # [B,N,2] keypoints (x, y) in pixels
 def _load_weights(module, path, what):
     if path is None: return module
     sd = load_checkpoint(path)
-    if isinstance(sd, dict) and 'state_dict' in sd and not any(k.startswith('conv') or k == 'bin_score' for k in sd): sd = sd['state_dict']
+    if isinstance(sd, dict) and 'state_dict' in sd and not any(k.startswith('conv') or k == 'bin_score' for k in sd):
+        sd = sd['state_dict']
     try: module.load_state_dict(sd, strict=True)
     except RuntimeError as e:
         raise GLRError(f"{path}: not a {what} weight file ({str(e).splitlines()[0][:150]}); "
@@ -74,7 +75,8 @@ class SuperPoint(nn.Module):
                               conv3b=(128, 128), conv4a=(128, 128), conv4b=(128, 128)).items(): setattr(self, n, conv(i, o))
         self.convPa, self.convPb = conv(128, 256), conv(256, 65, 1)
         self.convDa, self.convDb = conv(128, 256), conv(256, c['descriptor_dim'], 1)
-        _load_weights(self, c['weights'], 'superpoint_v1'); self.eval()
+        _load_weights(self, c['weights'], 'superpoint_v1')
+        self.eval()
 
 # %% ../nbs/05_rerank.ipynb #2e3563ed
 @torch.no_grad()
@@ -101,8 +103,11 @@ def _sp_forward(self, data:dict):
         k = torch.nonzero(s > c['keypoint_threshold'])                       # (row, col), row-major
         k = k[(k[:, 0] >= r) & (k[:, 0] < H - r) & (k[:, 1] >= r) & (k[:, 1] < W - r)]
         v = s[k[:, 0], k[:, 1]]
-        if 0 <= c['max_keypoints'] < len(k): v, i = torch.topk(v, c['max_keypoints']); k = k[i]
-        kps.append(k.flip(1).float()); scs.append(v)
+        if 0 <= c['max_keypoints'] < len(k):
+            v, i = torch.topk(v, c['max_keypoints'])
+            k = k[i]
+        kps.append(k.flip(1).float())
+        scs.append(v)
     n = max([len(k) for k in kps] + [1])
     kp_pad = torch.stack([F.pad(k, (0, 0, 0, n - len(k))) for k in kps])          # one grid_sample per batch
     d = sample_descriptors(kp_pad, desc, 8)
@@ -188,8 +193,10 @@ def log_optimal_transport(scores:torch.Tensor, # [B,M,N] similarity of keypoints
     Z = torch.cat([torch.cat([scores, a.expand(b, m, 1)], 2), a.expand(b, 1, n + 1)], 1)
     norm = -(ms + ns).log()                                                        # [B]
     ninf = torch.tensor(float('-inf'), device=Z.device)
-    log_mu = torch.where(mask0, norm[:, None], ninf); log_mu = torch.cat([log_mu, (ns.log() + norm)[:, None]], 1)
-    log_nu = torch.where(mask1, norm[:, None], ninf); log_nu = torch.cat([log_nu, (ms.log() + norm)[:, None]], 1)
+    log_mu = torch.where(mask0, norm[:, None], ninf)
+    log_mu = torch.cat([log_mu, (ns.log() + norm)[:, None]], 1)
+    log_nu = torch.where(mask1, norm[:, None], ninf)
+    log_nu = torch.cat([log_nu, (ms.log() + norm)[:, None]], 1)
     u, v = torch.zeros_like(log_mu), torch.zeros_like(log_nu)
     for _ in range(iters):
         u = log_mu - torch.logsumexp(Z + v[:, None, :], 2)
@@ -212,7 +219,8 @@ class SuperGlue(nn.Module):
         self.gnn = AttentionalGNN(c['descriptor_dim'], c['GNN_layers'])
         self.final_proj = nn.Conv1d(c['descriptor_dim'], c['descriptor_dim'], 1, bias=True)
         self.register_parameter('bin_score', nn.Parameter(torch.tensor(1.)))
-        _load_weights(self, c['weights'], 'superglue'); self.eval()
+        _load_weights(self, c['weights'], 'superglue')
+        self.eval()
 
 # %% ../nbs/05_rerank.ipynb #36fece2f
 def _pad_to(t, n, dim, value=0):
@@ -232,8 +240,9 @@ def _sg_forward(self, data:dict):
     kp0, kp1, d0, d1 = data['keypoints0'], data['keypoints1'], data['descriptors0'], data['descriptors1']
     b, m, n, dev = kp0.shape[0], kp0.shape[1], kp1.shape[1], kp0.device
     if m == 0 or n == 0:
-        return dict(matches0=kp0.new_full((b, m), -1, dtype=torch.long), matches1=kp1.new_full((b, n), -1, dtype=torch.long),
-                    matching_scores0=kp0.new_zeros(b, m), matching_scores1=kp1.new_zeros(b, n))
+        return dict(matches0=kp0.new_full((b, m), -1, dtype=torch.long),
+                    matches1=kp1.new_full((b, n), -1, dtype=torch.long), matching_scores0=kp0.new_zeros(b, m),
+                    matching_scores1=kp1.new_zeros(b, n))
     mask0 = data.get('mask0', torch.ones(b, m, dtype=torch.bool, device=dev))
     mask1 = data.get('mask1', torch.ones(b, n, dtype=torch.bool, device=dev))
     x0 = d0 + self.kenc(normalize_keypoints(kp0, _size_of(data, 0, b, dev)), data['scores0']).to(d0.dtype)
@@ -283,8 +292,11 @@ def sift_features(img:np.ndarray,     # grayscale uint8 image
                  )->dict:
     "SIFT keypoints `kp` [N,2] (x, y), `scores` [N] (response) and raw descriptors `desc` [N,128]"
     kps, desc = cv2.SIFT_create(nfeatures=max_keypoints).detectAndCompute(img, None)
-    if not kps: return dict(kp=np.zeros((0, 2), np.float32), scores=np.zeros(0, np.float32), desc=np.zeros((0, 128), np.float16))
-    kp = np.array([k.pt for k in kps], np.float32); sc = np.array([k.response for k in kps], np.float32)
+    if not kps:
+        return dict(kp=np.zeros((0, 2), np.float32), scores=np.zeros(0, np.float32),
+                    desc=np.zeros((0, 128), np.float16))
+    kp = np.array([k.pt for k in kps], np.float32)
+    sc = np.array([k.response for k in kps], np.float32)
     return dict(kp=kp, scores=sc, desc=desc.astype(np.float16))    # SIFT values are integers <= 255: exact in fp16
 
 def rootsift(desc):
@@ -302,7 +314,9 @@ def match_nn(d0, d1,          # [N0,D], [N1,D] L2-normalised descriptors
     if len(d0) == 0 or len(d1) == 0: return np.zeros((0, 2), np.int64)
     sim = d0 @ d1.T
     top = sim.topk(min(2, len(d1)), dim=1)
-    i0 = torch.arange(len(d0)); i1 = top.indices[:, 0]; ok = torch.ones(len(d0), dtype=torch.bool)
+    i0 = torch.arange(len(d0))
+    i1 = top.indices[:, 0]
+    ok = torch.ones(len(d0), dtype=torch.bool)
     if len(d1) > 1 and ratio < 1:
         dist = (2 - 2*top.values).clamp_min(0).sqrt()
         ok &= dist[:, 0] < ratio * dist[:, 1]
@@ -316,7 +330,8 @@ RANSAC_METHODS = dict(degensac=None, magsac=cv2.USAC_MAGSAC, accurate=cv2.USAC_A
 def _fit(p0, p1, method, threshold, confidence, max_iters):
     if method == 'degensac':
         import pydegensac
-        return pydegensac.findHomography(p0.astype(np.float64), p1.astype(np.float64), threshold, confidence, max_iters, seed=0)
+        return pydegensac.findHomography(p0.astype(np.float64), p1.astype(np.float64), threshold, confidence, max_iters,
+                                         seed=0)
     return cv2.findHomography(p0.astype(np.float32), p1.astype(np.float32), RANSAC_METHODS[method], threshold,
                               maxIters=max_iters, confidence=confidence)
 
@@ -328,7 +343,8 @@ def homography_inliers(pts0:np.ndarray,  # [K,2] matched points in image 0 (orig
                        max_iters=1000    # RANSAC iterations
                       ):
     "Number of inliers of a robustly fitted homography, the 3x3 matrix (or None) and the inlier mask"
-    if method not in RANSAC_METHODS: raise GLRError(f"unknown homography method {method!r}; use one of {list(RANSAC_METHODS)}")
+    if method not in RANSAC_METHODS:
+        raise GLRError(f"unknown homography method {method!r}; use one of {list(RANSAC_METHODS)}")
     K = len(pts0)
     if K <= 4: return 0, None, np.zeros(K, bool)               # the reference's minimum
     try: H, mask = _fit(np.asarray(pts0), np.asarray(pts1), method, threshold, confidence, max_iters)
@@ -348,7 +364,8 @@ def ransac_pool(workers=None # processes (default: CPU count, at most 8)
     "A process pool for `ransac_inliers`; forked workers, with OpenCV single-threaded while it lives"
     workers = workers or min(8, os.cpu_count() or 1)
     ctx = mp.get_context('fork' if 'fork' in mp.get_all_start_methods() else 'spawn')
-    prev = cv2.getNumThreads(); cv2.setNumThreads(1)   # a child forked from a live OpenCV thread pool can hang
+    prev = cv2.getNumThreads()
+    cv2.setNumThreads(1)  # a child forked from a live OpenCV thread pool can hang
     try:
         with ProcessPoolExecutor(workers, mp_context=ctx) as ex: yield ex
     finally: cv2.setNumThreads(prev)
@@ -369,7 +386,9 @@ def ransac_inliers(pts:list,        # list of (pts0 [K,2], pts1 [K,2]) per pair
 
 # %% ../nbs/05_rerank.ipynb #accd3b81
 def _pack(feat:dict)->bytes:
-    buf = io.BytesIO(); np.savez(buf, **{k: np.asarray(v) for k, v in feat.items()}); return buf.getvalue()
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.asarray(v) for k, v in feat.items()})
+    return buf.getvalue()
 
 def _unpack(blob:bytes)->dict:
     with np.load(io.BytesIO(blob), allow_pickle=False) as z: return {k: z[k] for k in z.files}
@@ -392,14 +411,17 @@ class FeatureCache:
             self.log.warning(f"{self.path}: unreadable cache ({e}); moved to {bad.name} and rebuilt")
             with contextlib.suppress(Exception): self.db.close()
             for suf in ('-wal', '-shm'): Path(str(self.path) + suf).unlink(missing_ok=True)
-            self.path.rename(bad); self._open()
+            self.path.rename(bad)
+            self._open()
 
     def _open(self):
         self.db = sqlite3.connect(str(self.path), timeout=120)
-        self.db.execute('PRAGMA journal_mode=WAL'); self.db.execute('PRAGMA synchronous=NORMAL')
+        self.db.execute('PRAGMA journal_mode=WAL')
+        self.db.execute('PRAGMA synchronous=NORMAL')
         self.db.execute('CREATE TABLE IF NOT EXISTS feats (key TEXT PRIMARY KEY, blob BLOB, crc INTEGER)')
         self.db.execute('CREATE TABLE IF NOT EXISTS pairs (key TEXT PRIMARY KEY, inliers INTEGER, crc INTEGER)')
-        self.db.execute('SELECT count(*) FROM feats').fetchone(); self.db.commit()
+        self.db.execute('SELECT count(*) FROM feats').fetchone()
+        self.db.commit()
 
     def close(self): self.db.close()
     def __enter__(self): return self
@@ -419,7 +441,8 @@ def _drop(self, table, bad):
     if not bad: return
     self.n_corrupt += len(bad)
     self.log.warning(f"{self.path}: {len(bad)} corrupt {table} entr{'y' if len(bad) == 1 else 'ies'} (checksum); recomputing")
-    self.db.executemany(f'DELETE FROM {table} WHERE key = ?', [(k,) for k in bad]); self.db.commit()
+    self.db.executemany(f'DELETE FROM {table} WHERE key = ?', [(k,) for k in bad])
+    self.db.commit()
 
 def _get_feats(self, keys)->dict:
     "Features of the given keys that are present and intact (corrupt ones are deleted and counted)"
@@ -530,7 +553,8 @@ class SuperGlueMatcher:
                              remove_borders=remove_borders, weights=superpoint).to(self.device)
         self.sg = SuperGlue(sinkhorn_iterations=sinkhorn_iterations, match_threshold=match_threshold, weights=superglue).to(self.device)
         if self.device.type == 'cuda': self.sp = self.sp.to(memory_format=torch.channels_last)
-        w0 = _digest(superpoint) if superpoint else f'rand{seed}'; w1 = _digest(superglue) if superglue else f'rand{seed}'
+        w0 = _digest(superpoint) if superpoint else f'rand{seed}'
+        w1 = _digest(superglue) if superglue else f'rand{seed}'
         self.extract_key = (f'sp-{w0}-s{size}-k{max_keypoints}-n{nms_radius}-t{keypoint_threshold}-b{remove_borders}'
                             f'-h{int(self.fp16)}-cv2gray')
         self.match_key = f'{self.extract_key}-sg-{w1}-i{sinkhorn_iterations}-m{match_threshold}'
@@ -541,7 +565,8 @@ class SuperGlueMatcher:
 @torch.no_grad()
 def _sgm_extract(self, imgs:list)->list:
     "SuperPoint features of grayscale uint8 images, batched by shape"
-    out = [None] * len(imgs); groups = {}
+    out = [None] * len(imgs)
+    groups = {}
     for i, g in enumerate(imgs): groups.setdefault(g.shape, []).append(i)
     for idx in groups.values():
         for j in range(0, len(idx), self.bs):
@@ -565,9 +590,12 @@ def _sgm_match(self, fpairs:list)->list:
     todo = [i for i, (a, b) in enumerate(fpairs) if len(a['kp']) and len(b['kp'])]
     todo.sort(key=lambda i: len(fpairs[i][0]['kp']) + len(fpairs[i][1]['kp']))   # similar sizes share a batch
     for j in range(0, len(todo), self.bs):
-        ii = todo[j:j+self.bs]; data = {}
+        ii = todo[j:j+self.bs]
+        data = {}
         for s in '01':
-            fs = [fpairs[i][int(s)] for i in ii]; n = max(len(f['kp']) for f in fs); dev = self.device
+            fs = [fpairs[i][int(s)] for i in ii]
+            n = max(len(f['kp']) for f in fs)
+            dev = self.device
             data[f'keypoints{s}'] = _stack_pad([f['kp'] for f in fs], n, dev)
             data[f'scores{s}'] = _stack_pad([f['scores'] for f in fs], n, dev)
             d = _stack_pad([f['desc'] for f in fs], n, dev).transpose(1, 2)
@@ -576,7 +604,8 @@ def _sgm_match(self, fpairs:list)->list:
             data[f'size{s}'] = torch.tensor(np.stack([f['size'] for f in fs]), device=dev)
         with self._autocast(): m0 = self.sg(data)['matches0'].cpu().numpy()
         for i, m in zip(ii, m0):
-            k = np.flatnonzero(m > -1); out[i] = np.stack([k, m[k]], 1)
+            k = np.flatnonzero(m > -1)
+            out[i] = np.stack([k, m[k]], 1)
     return out
 SuperGlueMatcher.match = _sgm_match
 
@@ -624,7 +653,9 @@ def _load_many(paths, size, log):
     from concurrent.futures import ThreadPoolExecutor
     def one(p):
         try: return load_gray(p, size)
-        except Exception as e: log.warning(f"{p}: cannot read image ({type(e).__name__}: {e}); counted as 0 inliers"); return None
+        except Exception as e:
+            log.warning(f"{p}: cannot read image ({type(e).__name__}: {e}); counted as 0 inliers")
+            return None
     with ThreadPoolExecutor(4) as ex: return list(ex.map(one, paths))
 
 def _features(m, paths, keys, db, log):
@@ -636,7 +667,9 @@ def _features(m, paths, keys, db, log):
     imgs = _load_many(todo, m.size, log)
     ok = [i for i, r in enumerate(imgs) if r is not None]
     for i, f in zip(ok, m.extract([imgs[i][0] for i in ok])):
-        g, sc = imgs[i]; f.update(size=np.array(g.shape[::-1]), scale=np.array(sc, np.float64)); feats[todo[i]] = f
+        g, sc = imgs[i]
+        f.update(size=np.array(g.shape[::-1]), scale=np.array(sc, np.float64))
+        feats[todo[i]] = f
     key = dict(zip(paths, keys))
     if db is not None: db.put_feats({key[todo[i]]: feats[todo[i]] for i in ok if key[todo[i]]})
     for i, r in enumerate(imgs):
@@ -763,16 +796,19 @@ def draw_matches(img0, img1,            # two images (arrays, or paths)
     im = [np.asarray(ImageOps.exif_transpose(Image.open(i)).convert('RGB')) if isinstance(i, (str, Path))
           else np.asarray(i) for i in (img0, img1)]
     im = [np.repeat(i[..., None], 3, 2) if i.ndim == 2 else i for i in im]
-    h = max(i.shape[0] for i in im); w0 = im[0].shape[1]
+    h = max(i.shape[0] for i in im)
+    w0 = im[0].shape[1]
     canvas = np.zeros((h, w0 + im[1].shape[1], 3), im[0].dtype)
     canvas[:im[0].shape[0], :w0], canvas[:im[1].shape[0], w0:] = im[0], im[1]
     if ax is None: _, ax = plt.subplots(figsize=(10, 10 * h / canvas.shape[1]))
-    ax.imshow(canvas); ax.axis('off')
+    ax.imshow(canvas)
+    ax.axis('off')
     inliers = np.ones(len(pts0), bool) if inliers is None else np.asarray(inliers, bool)
     for sel, col in [(~inliers, 'r'), (inliers, 'lime')] if show_outliers else [(inliers, 'lime')]:
         k = np.flatnonzero(sel)
         if len(k) > max_lines: k = np.random.default_rng(0).choice(k, max_lines, replace=False)
-        ax.plot(np.stack([pts0[k, 0], pts1[k, 0] + w0]), np.stack([pts0[k, 1], pts1[k, 1]]), color=col, lw=0.6, alpha=0.8)
+        ax.plot(np.stack([pts0[k, 0], pts1[k, 0] + w0]), np.stack([pts0[k, 1], pts1[k, 1]]), color=col, lw=0.6,
+                alpha=0.8)
     ax.set_title(title or f'{int(inliers.sum())} inliers / {len(pts0)} matches')
     return ax
 
@@ -806,7 +842,8 @@ def _ref_inliers(k0, k1):
     "DEGENSAC inliers of matched points as the reference counts them (0 below 5 matches)"
     if len(k0) <= 4: return 0
     if _ref_estimator() == 'opencv-ransac':
-        mask = cv2.findHomography(k0.astype(np.float32), k1.astype(np.float32), cv2.RANSAC, 4.0, maxIters=1000, confidence=0.99)[1]
+        mask = cv2.findHomography(k0.astype(np.float32), k1.astype(np.float32), cv2.RANSAC, 4.0, maxIters=1000,
+                                  confidence=0.99)[1]
         return 0 if mask is None else int(mask.sum())
     import pydegensac
     try: return int(pydegensac.findHomography(k0, k1, 4.0, 0.99, 1000)[1].sum())
@@ -914,7 +951,8 @@ def bench_rerank(n_queries=8,        # queries
         nb_of = lambda q: same(q) + [j for j in rng.permutation(n_db) if j not in same(q)][:n_neighbours - len(same(q))]
         qs = {imgs[q]: [imgs[n_queries + j] for j in nb_of(q)] for q in range(n_queries)}
         pairs = [(q, n) for q, nbs in qs.items() for n in nbs]
-        cfg = dict(size=size, max_keypoints=max_keypoints, superpoint=superpoint, superglue=superglue, random_weights=True, seed=seed)
+        cfg = dict(size=size, max_keypoints=max_keypoints, superpoint=superpoint, superglue=superglue,
+                   random_weights=True, seed=seed)
         cfg['match_threshold'] = 0.2 if superglue else 0.                     # random weights: keep every mutual match
         mk = lambda **kw: SuperGlueMatcher(device=dev, **cfg, **kw)
         common = dict(size=size, max_keypoints=max_keypoints, pairs=len(pairs), unique_images=len({p for ab in pairs for p in ab}))
@@ -932,7 +970,8 @@ def bench_rerank(n_queries=8,        # queries
              mean_inliers=round(float(inl.mean()), 2), **common)
         if reference: emit(recipe='speedup', value=round(t_ref / t_ours, 2), **common)
         if compare_fp32:
-            m16, m32 = (ours if ours.fp16 else mk(fp16=True, batch_size=batch_size)), mk(fp16=False, batch_size=batch_size)
+            m16, m32 = (ours if ours.fp16 else mk(fp16=True, batch_size=batch_size)), mk(fp16=False,
+                                                                                         batch_size=batch_size)
             i16, i32 = verify_pairs(pairs, m16), verify_pairs(pairs, m32)
             emit(recipe='fp16_vs_fp32', inliers_mean_abs_diff=round(float(np.abs(i16 - i32).mean()), 3),
                  inliers_fp32_mean=round(float(i32.mean()), 2), **_agreement(m16, m32, imgs[:8]), **common)

@@ -34,7 +34,8 @@ def embed_batch(model, xb, device)->np.ndarray:
     "L2-normalised float16 embeddings of one batch (bf16 autocast + channels_last on CUDA)"
     xb = xb.to(device, non_blocking=True)
     if device.type == 'cuda':
-        with torch.autocast('cuda', dtype=torch.bfloat16): e = _feat_fn(model)(xb.contiguous(memory_format=torch.channels_last))
+        with torch.autocast('cuda', dtype=torch.bfloat16):
+            e = _feat_fn(model)(xb.contiguous(memory_format=torch.channels_last))
     else: e = _feat_fn(model)(xb)
     return F.normalize(e.float(), dim=1).half().cpu().numpy()
 
@@ -285,7 +286,8 @@ def checkpoint_key(ckpt, img_size:int)->dict:
     "Cache key of a checkpoint file at an image size: file digest, epoch, image size"
     from glr_nb.core import load_checkpoint
     c = load_checkpoint(ckpt)
-    return dict(digest=file_digest(ckpt), epoch=float(c.get('epoch', -1)), img_size=int(img_size), arch=str(c.get('arch', '')))
+    return dict(digest=file_digest(ckpt), epoch=float(c.get('epoch', -1)), img_size=int(img_size),
+                arch=str(c.get('arch', '')))
 
 def check_unreadable(bad,              # rows whose images cannot be read
                      names,            # every row's file (or id), for the message
@@ -468,7 +470,8 @@ def knn(q,               # [nq, D] queries (unit vectors; float16/float32, memma
         fa_ok = fa is not None and (not gpu or (hasattr(fa, 'StandardGpuResources') and fa.get_num_gpus() > 0))
         backend = 'faiss' if fa_ok else 'torch'
     if backend == 'faiss':
-        if _faiss() is None: raise GLRError("knn: faiss is not installed; pip install faiss-cpu (or faiss-gpu), or use backend='torch'")
+        if _faiss() is None:
+            raise GLRError("knn: faiss is not installed; pip install faiss-cpu (or faiss-gpu), or use backend='torch'")
         return _knn_faiss(q, db, k)
     if backend == 'torch': return _knn_torch(q, db, k, device)
     raise GLRError(f"knn: unknown backend {backend!r}; use 'auto', 'faiss', 'torch' or a function")
@@ -521,7 +524,8 @@ def model_lists(q_embs:dict,       # model -> [nq, D_m] query embeddings, in ens
                 k=10, backend='auto',
                 db_ens=None)->dict: # the database's ensemble when it is stored (a saved index's); None: computed
     "The reference's lists: 'm0' searched with the weighted ensemble, then 'm1', 'm2', ... with each model alone"
-    if set(q_embs) != set(db_embs): raise GLRError(f"lists: query models {list(q_embs)} != database models {list(db_embs)}")
+    if set(q_embs) != set(db_embs):
+        raise GLRError(f"lists: query models {list(q_embs)} != database models {list(db_embs)}")
     db_embs = {m: db_embs[m] for m in q_embs}
     db_ens = EnsembleView(db_embs, weights) if db_ens is None else db_ens
     out = {'m0': search(EnsembleView(q_embs, weights), db_ens, k, labels, backend)}
@@ -581,12 +585,17 @@ def plot_gallery(cands:pd.DataFrame,  # candidates table
         items = [(q, 'query', 'black')] + [(t.db_id, f'{t.label} @ {t.score:.2f}',
                  'gray' if truth is None else ('green' if t.label in truth.get(q, []) else 'red')) for t in rows.itertuples()]
         for c_, ax in enumerate(axs[r]):
-            ax.set_xticks([]); ax.set_yticks([])
-            if c_ >= len(items): ax.axis('off'); continue
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c_ >= len(items):
+                ax.axis('off')
+                continue
             i, title, col = items[c_]
             with Image.open(paths[i]) as im: ax.imshow(im.convert('RGB'))
             ax.set_title(title, fontsize=8, color=col)
-            for sp in ax.spines.values(): sp.set_edgecolor(col); sp.set_linewidth(4)
+            for sp in ax.spines.values():
+                sp.set_edgecolor(col)
+                sp.set_linewidth(4)
     fig.tight_layout()
     return fig
 
@@ -641,15 +650,22 @@ def glr_extract(checkpoint:str=None, # model checkpoint (.pth) written by glr_tr
 # %% ../nbs/04_retrieval.ipynb #523da9d9
 def bench_knn(n=100_000, nq=None, d=512, k=10, backends=('faiss', 'torch'), device=None)->list:
     "Seconds and queries/s of each kNN backend on random unit vectors; prints JSON lines"
-    g = np.random.default_rng(0); nq = nq or max(n // 10, 1)
-    x = g.standard_normal((n + nq, d), dtype=np.float32); x /= np.linalg.norm(x, axis=1, keepdims=True); x = x.astype(np.float16)
+    g = np.random.default_rng(0)
+    nq = nq or max(n // 10, 1)
+    x = g.standard_normal((n + nq, d), dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    x = x.astype(np.float16)
     recs = []
     for b in backends:
         if b == 'faiss' and _faiss() is None: continue
-        t = time.perf_counter(); s, i = knn(x[n:], x[:n], k, b, device); dt = time.perf_counter() - t
+        t = time.perf_counter()
+        s, i = knn(x[n:], x[:n], k, b, device)
+        dt = time.perf_counter() - t
         dev = 'cuda' if torch.cuda.is_available() and device != 'cpu' else 'cpu'
-        r = dict(what='knn', backend=b, device=dev, n_db=n, n_query=nq, dim=d, k=k, seconds=round(dt, 4), queries_per_s=round(nq/dt, 1))
-        print(json.dumps(r)); recs.append(r)
+        r = dict(what='knn', backend=b, device=dev, n_db=n, n_query=nq, dim=d, k=k, seconds=round(dt, 4),
+                 queries_per_s=round(nq/dt, 1))
+        print(json.dumps(r))
+        recs.append(r)
     return recs
 
 # %% ../nbs/04_retrieval.ipynb #90d85468
@@ -658,7 +674,8 @@ def _bench_model(arch):
         from glr_nb.models import create_model
         return create_model(arch, num_classes=10)
     except ImportError:
-        import timm; return timm.create_model(arch, pretrained=False, num_classes=0)
+        import timm
+        return timm.create_model(arch, pretrained=False, num_classes=0)
 
 def _reference_extract(m, ds, bs, dev):
     "The reference's loop: fp32, NCHW, eager, batch `bs`, L2-normalised on the device"
@@ -675,7 +692,8 @@ def bench_extract(arch='resnet18', img=224, n=64, device=None,
     m = _bench_model(arch).eval().to(dev)
     recs, embs = [], {}
     for name, b in (('reference', 4), ('ours', bs or (64 if dev.type == 'cuda' else 32))):
-        run = (lambda d: _reference_extract(m, d, b, dev)) if name == 'reference' else (lambda d: extract(m, d, bs=b, device=dev))
+        run = (lambda d: _reference_extract(m, d, b, dev)) if name == 'reference' else (lambda d: extract(m, d, bs=b,
+                                                                                                          device=dev))
         run(Subset(ds, range(min(b, n))))                                           # warm-up (cudnn, allocator)
         if dev.type == 'cuda': torch.cuda.synchronize()
         t = time.perf_counter()

@@ -32,9 +32,11 @@ def submission_frame(pred:pd.DataFrame, # prediction table: id, label (0..N-1 or
                      labels:pd.Series   # label -> original landmark id (`label_map`)
                     )->pd.DataFrame:
     "The `id, landmarks` table of a submission (`'<landmark_id> <score>'` or empty)"
-    if pred['id'].duplicated().any(): raise GLRError(f"predictions: id {pred['id'][pred['id'].duplicated()].iloc[0]} appears twice")
+    if pred['id'].duplicated().any():
+        raise GLRError(f"predictions: id {pred['id'][pred['id'].duplicated()].iloc[0]} appears twice")
     extra = ~pred['id'].isin(set(test_ids))
-    if extra.any(): raise GLRError(f"predictions: id {pred['id'][extra].iloc[0]} is not a test id ({int(extra.sum())} such)")
+    if extra.any():
+        raise GLRError(f"predictions: id {pred['id'][extra].iloc[0]} is not a test id ({int(extra.sum())} such)")
     p = pred[pred['label'] >= 0]
     unk = ~p['label'].isin(labels.index)
     if unk.any(): raise GLRError(f"predictions: label {p['label'][unk].iloc[0]} has no landmark id in the split")
@@ -45,7 +47,8 @@ def submission_frame(pred:pd.DataFrame, # prediction table: id, label (0..N-1 or
 
 def write_submission(pred, test_ids, labels, path)->Path:
     "Write `submission.csv` atomically (see `submission_frame`); returns the path"
-    save_csv(submission_frame(pred, test_ids, labels), path); return Path(path)
+    save_csv(submission_frame(pred, test_ids, labels), path)
+    return Path(path)
 
 # %% ../nbs/08_submit.ipynb #888caa82
 _WEIGHTED = r'(.+):([-+]?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?|[-+]?nan|[-+]?inf)'   # path:weight (any number, to check it)
@@ -174,7 +177,8 @@ def _unpack(a:dict)->dict:
     from glr_nb.retrieval import CandList
     out = {}
     for k_, v in a.items():
-        *path, last = k_.split('.'); d = out
+        *path, last = k_.split('.')
+        d = out
         for p in path: d = d.setdefault(p, {})
         d[last] = v
     def fix(d):
@@ -198,7 +202,9 @@ def cached_stage(path, key:dict, compute, log=None)->dict:
 # %% ../nbs/08_submit.ipynb #97b04e2f
 def _test_solution(path, test_ids, log):
     "id -> true landmark ids of the test queries, or None when no solution covers them"
-    if not Path(path).is_file(): log.info(f"{path} not found: a submission without a GAP"); return None
+    if not Path(path).is_file():
+        log.info(f"{path} not found: a submission without a GAP")
+        return None
     sol = read_solution(path)
     sol = {i: sol[i] for i in test_ids if i in sol}
     if not sol: log.warning(f"{path} covers none of the test queries: no test GAP")
@@ -247,8 +253,8 @@ def _retrieve_stage(s, rd, ck, sets, embs, q, d, log):
 def _rerank_stage(s, rd, sets, R, q, d, matcher, log):
     "Inliers of the m0 and merged entries (stage cache; pairs also cached one by one), the ransac and re-ranked lists"
     dig = lambda p: file_digest(p) if p else None
-    key = dict(stage='rerank', v=1, lists=R['key'], matcher=matcher, superpoint=dig(s.superpoint), superglue=dig(s.superglue),
-               size=s.rerank_size, ransac=s.ransac)
+    key = dict(stage='rerank', v=1, lists=R['key'], matcher=matcher, superpoint=dig(s.superpoint),
+               superglue=dig(s.superglue), size=s.rerank_size, ransac=s.ransac)
     cfg = dict(matcher=matcher, size=s.rerank_size or None, method=s.ransac, device=s.device, cache=str(rd/'rerank_cache.sqlite'),
                progress=True, **{k_: v for k_, v in dict(superpoint=s.superpoint, superglue=s.superglue).items() if v})
     lists = [R['lists']['m0'], R['merged']]
@@ -322,7 +328,8 @@ class SubmitRun:
 
 @contextlib.contextmanager
 def _timed(seconds, name, log):
-    t0 = time.time(); log.info(f'stage {name}')
+    t0 = time.time()
+    log.info(f'stage {name}')
     yield
     seconds[name] = round(time.time() - t0, 2)
 
@@ -349,7 +356,8 @@ def run_submit(s:SubmitSettings, # the run's settings
     rank, _ = core.init_distributed(s.device)
     with _timed(seconds, 'data', log): ck, sets, sol, rd, out = _inputs(s, log)
     log = get_logger('glr_submit', out/'submit.log')
-    with _timed(seconds, 'embed', log): embs = embed_sets(ck, sets, rd/'features', s.img_size, s.bs, s.device, s.workers)
+    with _timed(seconds, 'embed', log):
+        embs = embed_sets(ck, sets, rd/'features', s.img_size, s.bs, s.device, s.workers)
     qs = {'test': 'index'} | ({'val_query': 'val_index'} if 'val_query' in sets else {})
     with _timed(seconds, 'retrieve', log), core.rank_zero_first():      # the other ranks read rank 0's stage cache
         R = {q: _retrieve_stage(s, rd, ck, sets, embs, q, d, log) for q, d in qs.items()}
@@ -369,7 +377,8 @@ def run_submit(s:SubmitSettings, # the run's settings
             preds['stacked'], vpreds['stacked'], _ = _stack_stage(s, out, R2, sets, vt, log)
     gaps = {k_: _gap(p, sol, lab2lm) for k_, p in preds.items()}
     val_gaps = {k_: _gap(p, dict(zip(sets['val_query']['id'], vt))) for k_, p in vpreds.items() if p is not None}
-    with _timed(seconds, 'submit', log): sub, m = _write(s, out, preds, gaps, val_gaps, sets, sol, lab2lm, seconds, matcher)
+    with _timed(seconds, 'submit', log):
+        sub, m = _write(s, out, preds, gaps, val_gaps, sets, sol, lab2lm, seconds, matcher)
     save_json(m, out/'metrics.json')
     said = ', '.join(f'{k_} {v:.4f}' for k_, v in gaps.items()) if sol else 'none (no solution for the test queries)'
     log.info(f"wrote {sub}: GAP {said}")

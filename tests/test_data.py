@@ -12,7 +12,9 @@ GLR_SPLIT = str(Path(sys.executable).parent/'glr_split')
 @pytest.fixture(scope='module')
 def demo(tmp_path_factory):
     d = tmp_path_factory.mktemp('demo')/'data'
-    t0 = time.time(); make_demo_dataset(d, seed=0); dt = time.time() - t0
+    t0 = time.time()
+    make_demo_dataset(d, seed=0)
+    dt = time.time() - t0
     return d, dt
 
 
@@ -21,7 +23,8 @@ def test_default_demo_shape(demo):
     assert dt < 120, f"demo generation took {dt:.0f}s"   # generous: shared CPUs; ~25 s on an idle core
     files = [p for p in d.rglob('*') if p.is_file()]
     assert sum(p.stat().st_size for p in files) < 50*2**20
-    tc = read_train_clean(d/'raw'/'train_clean.csv'); tr = read_train(d/'raw'/'train.csv')
+    tc = read_train_clean(d/'raw'/'train_clean.csv')
+    tr = read_train(d/'raw'/'train.csv')
     n = tc.images.str.split().str.len()
     assert len(tc) >= 40 and n.min() <= 5 and n.max() >= 200
     test_ids = read_ids(d/'raw'/'test.csv').id
@@ -90,7 +93,8 @@ def test_cli(demo, tmp_path):
     d, _ = demo
     p = subprocess.run([GLR_SPLIT, '--data-dir', str(d), '--seed', '1'], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
-    (tmp_path/'raw').mkdir(); (tmp_path/'raw'/'train_clean.csv').write_text('landmark_id,images\nx,0123456789abcdef\n')
+    (tmp_path/'raw').mkdir()
+    (tmp_path/'raw'/'train_clean.csv').write_text('landmark_id,images\nx,0123456789abcdef\n')
     p = subprocess.run([GLR_SPLIT, '--data_dir', str(tmp_path)], capture_output=True, text=True)
     assert p.returncode == 2 and p.stderr.count('\n') == 1 and "line 2: landmark_id 'x' is not an integer" in p.stderr
     p = subprocess.run([GLR_SPLIT], capture_output=True, text=True, env={'PATH': '/usr/bin:/bin'})

@@ -7,7 +7,8 @@ from glr_nb.metrics import read_submission, read_solution, global_average_precis
 
 # Smaller than the default demo (same code path: run_demo is what glr_demo calls) to fit the test budget; the
 # validation set keeps the test set's 1:4 landmark : non-landmark mix.
-SMALL = dict(n_landmarks=20, n_big=1, big_images=(250, 250), small_images=(6, 16), v2x_extra=.5, n_other=12, n_test=150, n_2019=200, n_index=40)
+SMALL = dict(n_landmarks=20, n_big=1, big_images=(250, 250), small_images=(6, 16), v2x_extra=.5, n_other=12, n_test=150,
+             n_2019=200, n_index=40)
 RUN = dict(demo_sizes=SMALL, epochs=4, valid_num=200, n_gallery=60, html=False, progress=False)
 STAGES = ('global', 'merged', 'rerank', 'stacked')
 

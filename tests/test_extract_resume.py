@@ -32,7 +32,8 @@ SCRIPT = textwrap.dedent('''
 
 
 def run(tmp, *args, wait=True):
-    f = tmp/'job.py'; f.write_text(SCRIPT)
+    f = tmp/'job.py'
+    f.write_text(SCRIPT)
     p = subprocess.Popen([sys.executable, str(f), *map(str, args)])
     if wait: assert p.wait(120) == 0
     return p
@@ -53,7 +54,8 @@ def test_kill_and_resume(tmp_path):
         assert time.time() - t0 < 120 and proc.poll() is None
         time.sleep(0.05)
     time.sleep(0.5)
-    proc.send_signal(signal.SIGKILL); proc.wait()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
     assert load_embeddings(p_, missing_ok=True) is None       # incomplete: never served
     done = cache_state(p_, dict(v=1), ids, 8, 10)[1]
     assert done[:2] == [0, 1] and len(done) < 4

@@ -105,7 +105,8 @@ def test_papermill_parameters_checked():
     "The settings a papermill notebook builds are checked by the same table as the flags"
     from glr_nb.train import TrainSettings
     from glr_nb.submit import SubmitSettings
-    with pytest.raises(core.GLRError, match='lr = nan is not a finite number: allowed >0'): TrainSettings(lr=float('nan'))
+    with pytest.raises(core.GLRError, match='lr = nan is not a finite number: allowed >0'):
+        TrainSettings(lr=float('nan'))
     with pytest.raises(core.GLRError, match='top_k = 0 is out of range'): SubmitSettings.of(dict(top_k=0))
     with pytest.raises(core.GLRError, match="unknown setting"): SubmitSettings.of(dict(topk=3))
 

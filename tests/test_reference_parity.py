@@ -14,8 +14,8 @@ import lightgbm as lgb, pydegensac, cv2
 from sklearn.model_selection import KFold
 from glr_nb.retrieval import CandList, vote, merge_lists, ensemble
 from glr_nb.rerank import rerank_score, homography_inliers, matched_points, load_gray
-from glr_nb.postprocess import (make_synthetic_stack, stack_features, stack_targets, stack_predict, train_stacker, lgb_params,
-                                fold_split, gap_vector, _first_true)
+from glr_nb.postprocess import (make_synthetic_stack, stack_features, stack_targets, stack_predict, train_stacker,
+                                lgb_params, fold_split, gap_vector, _first_true)
 from glr_nb.metrics import global_average_precision
 from glr_nb.submit import rerank_lists
 from glr_nb.data import validation_set, nonlandmark_pool
@@ -49,7 +49,8 @@ class _LGB:
     @staticmethod
     def train(params, train_set, valid_sets=None, valid_names=None, evals_result=None, num_boost_round=100,
               early_stopping_rounds=None, verbose_eval=None, feval=None):
-        return lgb.train(params, train_set, num_boost_round, valid_sets=valid_sets, valid_names=valid_names, feval=feval)
+        return lgb.train(params, train_set, num_boost_round, valid_sets=valid_sets, valid_names=valid_names,
+                         feval=feval)
 
 
 def ref(*names, **extra):
@@ -78,7 +79,8 @@ def _tuples(cl, ids, label=str):
 
 def test_vote_is_get_prediction_map():
     R, rng = ref('get_prediction_map'), np.random.default_rng(0)
-    cl = CandList(np.zeros((500, 10), np.int64), rng.integers(0, 5, (500, 10)), rng.choice([.1, .25, .5, .7], (500, 10)).astype(np.float32))
+    cl = CandList(np.zeros((500, 10), np.int64), rng.integers(0, 5, (500, 10)),
+                  rng.choice([.1, .25, .5, .7], (500, 10)).astype(np.float32))
     for top_k in (1, 3, 10):                                   # few labels and scores: many ties, on purpose
         want = R['get_prediction_map'](list(range(500)), _tuples(cl, ['x'], int), top_k)
         lab, sc = vote(cl, top_k)
@@ -93,7 +95,8 @@ def _model_lists(rng, n, n_models, k=10, pool=30):
         idx = np.stack([rng.choice(pool, k, replace=False) for _ in range(n)])
         s = rng.choice(np.linspace(.2, .9, 8), (n, k)).astype(np.float32)
         o = np.argsort(-s, 1, kind='stable')
-        out.append(CandList(np.take_along_axis(idx, o, 1), np.take_along_axis(idx, o, 1) % 7, np.take_along_axis(s, o, 1)))
+        out.append(CandList(np.take_along_axis(idx, o, 1), np.take_along_axis(idx, o, 1) % 7,
+                            np.take_along_axis(s, o, 1)))
     return out
 
 
@@ -119,7 +122,8 @@ def test_rerank_score_is_get_total_score():
 
 def _features_and_matches(rng, ids, n_kp=60):
     "SuperPoint-like keypoints (integer pixels of an image resized to 800) and scales per image; matches0 per pair"
-    feats = {i: dict(kp=rng.integers(0, 800, (n_kp, 2)).astype(np.float32), scale=np.array(rng.uniform(.5, 3, 2))) for i in ids}
+    feats = {i: dict(kp=rng.integers(0, 800, (n_kp, 2)).astype(np.float32),
+                     scale=np.array(rng.uniform(.5, 3, 2))) for i in ids}
     return feats
 
 
@@ -162,8 +166,11 @@ def test_rerank_lists_are_rescore_and_rerank_by_num_inliers():
         lst = [(d_ids[i], str(i % 4), float(s)) for i, s in zip(idx, g)]
         inl = []
         for i in idx:
-            d = d_ids[i]; cur.clear(); cur.update({q: feats[q], d: feats[(q, d)]})
-            local = R['rescore_and_rerank_by_num_inliers'](args, 't', 'i', q, [(d, '0', 0.)], ignore_global_score=True, do_sort=False)
+            d = d_ids[i]
+            cur.clear()
+            cur.update({q: feats[q], d: feats[(q, d)]})
+            local = R['rescore_and_rerank_by_num_inliers'](args, 't', 'i', q, [(d, '0', 0.)], ignore_global_score=True,
+                                                           do_sort=False)
             mt = np.flatnonzero(m0[(q, d)] > -1)
             pts = matched_points(feats[q], feats[(q, d)], np.stack([mt, m0[(q, d)][mt]], 1))
             inl.append(homography_inliers(*pts)[0])
@@ -174,8 +181,10 @@ def test_rerank_lists_are_rescore_and_rerank_by_num_inliers():
         ransac, rr = rerank_lists(m0_cl, m0_cl, inl, inl)
         R['rescore_and_rerank_by_num_inliers'].__globals__['load_cached_keypoints'] = lambda d, i: {
             'keypoints': (feats[q] if i == q else feats[(q, i)])['kp'], 'scales': tuple((feats[q] if i == q else feats[(q, i)])['scale'])}
-        want_local = R['rescore_and_rerank_by_num_inliers'](args, 't', 'i', q, copy.deepcopy(lst), ignore_global_score=True, do_sort=False)
-        want = R['rescore_and_rerank_by_num_inliers'](args, 't', 'i', q, copy.deepcopy(lst), ignore_global_score=False, do_sort=True)
+        want_local = R['rescore_and_rerank_by_num_inliers'](args, 't', 'i', q, copy.deepcopy(lst),
+                                                            ignore_global_score=True, do_sort=False)
+        want = R['rescore_and_rerank_by_num_inliers'](args, 't', 'i', q, copy.deepcopy(lst), ignore_global_score=False,
+                                                      do_sort=True)
         assert ransac.score[0].tolist() == [t[2] for t in want_local] and ransac.idx[0].tolist() == idx.tolist()
         assert [d_ids[i] for i in rr.idx[0]] == [t[0] for t in want] and rr.score[0].tolist() == [t[2] for t in want]
     assert len({int(n) for n in inl[0]}) > 2                                   # counts of several sizes were compared
@@ -221,8 +230,9 @@ def test_stack_features_and_targets_are_the_reference():
 
 
 def test_stacker_is_do_lgbm(tmp_path):
-    names = ('generate_Xy', 'add_topn_features', 'add_features', 'add_multi_models_features', 'add_nl_features', 'get_lgb_params',
-             'get_split_ix', 'get_train_val_data', 'train_model', 'get_lgbm_prediction_map', 'save_model', 'do_metric', 'GAP_vector', 'do_lgbm')
+    names = ('generate_Xy', 'add_topn_features', 'add_features', 'add_multi_models_features', 'add_nl_features',
+             'get_lgb_params', 'get_split_ix', 'get_train_val_data', 'train_model', 'get_lgbm_prediction_map',
+             'save_model', 'do_metric', 'GAP_vector', 'do_lgbm')
     R = ref(*names, RESULT_DIR=str(tmp_path))
     base = R['get_lgb_params']
     fast = dict(num_threads=1, num_boost_round=80, early_stopping_rounds=20)   # the same overrides on both sides, for time
@@ -250,13 +260,15 @@ def test_lgb_params_and_folds():
     assert lgb_params(6) == R['get_lgb_params'](num_class=6)
     df = pd.DataFrame({'id': np.arange(137)})
     for fold in range(5):
-        for a, b in zip(fold_split(137, 5, fold, 4321), R['get_split_ix'](df, 5, fold, random_state=4321)): assert (a == b).all()
+        for a, b in zip(fold_split(137, 5, fold, 4321), R['get_split_ix'](df, 5, fold, random_state=4321)):
+            assert (a == b).all()
 
 
 def test_gap_vector_is_gap_vector_and_our_gap():
     R, rng = ref('GAP_vector'), np.random.default_rng(6)
     pred, conf = rng.integers(0, 20, 300).astype(float), rng.random(300)
-    true = np.where(rng.random(300) < .6, np.nan, np.where(rng.random(300) < .5, pred, rng.integers(0, 20, 300))).astype(float)
+    true = np.where(rng.random(300) < .6, np.nan,
+                    np.where(rng.random(300) < .5, pred, rng.integers(0, 20, 300))).astype(float)
     want = R['GAP_vector'](pred, conf, true)
     assert gap_vector(pred, conf, true) == want
     sol = {i: ([] if np.isnan(t) else [int(t)]) for i, t in enumerate(true)}
@@ -276,10 +288,13 @@ def test_load_gray_is_read_image(tmp_path):
     "The reference's SuperGlue image reading: OpenCV grayscale, process_resize([800]), OpenCV bilinear resize"
     src = (REF/'src'/'utilities'/'superpointglue_util.py').read_text()
     fn = next(n for n in ast.parse(src).body if isinstance(n, ast.FunctionDef) and n.name == 'process_resize')
-    ns = {}; exec(ast.get_source_segment(src, fn), ns)
+    ns = {}
+    exec(ast.get_source_segment(src, fn), ns)
     import skimage.data
     for i, (h, w) in enumerate([(512, 400), (300, 1200), (801, 799), (1600, 1067)]):
-        im = cv2.resize(skimage.data.astronaut(), (w, h)); p = tmp_path/f'{i}.jpg'; cv2.imwrite(str(p), im)
+        im = cv2.resize(skimage.data.astronaut(), (w, h))
+        p = tmp_path/f'{i}.jpg'
+        cv2.imwrite(str(p), im)
         g, sc = load_gray(p, 800)
         nw, nh = ns['process_resize'](w, h, [800])
         want = cv2.resize(cv2.imread(str(p), cv2.IMREAD_GRAYSCALE), (nw, nh))
@@ -321,7 +336,8 @@ def _gld(rng, d):
 def test_validation_set_is_main(tmp_path):
     rng = np.random.default_rng(8)
     t20, trn, v2x, sol = _gld(rng, tmp_path)
-    pool = nonlandmark_pool(sol, [], pd.DataFrame(dict(id=[], landmark_id=np.int32([]))), pd.DataFrame(dict(landmark_id=[])))
+    pool = nonlandmark_pool(sol, [], pd.DataFrame(dict(id=[], landmark_id=np.int32([]))),
+                            pd.DataFrame(dict(landmark_id=[])))
     pool.to_csv(tmp_path/'split'/'nolandmark_v1.csv', index=False)             # the reference's gallery file: our pool
     ns = dict(pd=pd, np=np, ID='id', TARGET='landmark_id', CTARGET='landmarks', DATA_DIR=str(tmp_path),
               args=Namespace(debug=0, valid_num=300, nolandmark_num=100))

@@ -12,11 +12,16 @@ LISTING = ROOT.parent/'shared'/'superpoint_superglue_state_dict.txt'
 
 def _listing():
     "{'SuperPoint': [(name, shape)], 'SuperGlue': [...]} and the two default configs, parsed from the shared file"
-    txt = LISTING.read_text().splitlines(); out, cur, cfgs = {}, None, []
+    txt = LISTING.read_text().splitlines()
+    out, cur, cfgs = {}, None, []
     for line in txt:
-        if line.startswith('## '): cur = line.split()[1]; out[cur] = []
+        if line.startswith('## '):
+            cur = line.split()[1]
+            out[cur] = []
         elif line.startswith('{'): cfgs.append(ast.literal_eval(line))
-        elif '\t' in line: n, s = line.split('\t'); out[cur].append((n, tuple(int(x) for x in re.findall(r'\d+', s))))
+        elif '\t' in line:
+            n, s = line.split('\t')
+            out[cur].append((n, tuple(int(x) for x in re.findall(r'\d+', s))))
     return out, cfgs
 
 def _shapes(m): return [(k, tuple(v.shape)) for k, v in m.state_dict().items()]
@@ -38,7 +43,8 @@ def test_official_layout_file_loads_strict_weights_only(tmp_path):
     sd = {n: (torch.randn(s) if 'num_batches' not in n else torch.tensor(7)) for n, s in want.items()}
     torch.save(sd, tmp_path/'superglue_outdoor.pth')
     sg = SuperGlue(weights=str(tmp_path/'superglue_outdoor.pth'), sinkhorn_iterations=20)
-    assert torch.equal(sg.bin_score.data, sd['bin_score']) and torch.equal(sg.gnn.layers[17].mlp[3].weight.data, sd['gnn.layers.17.mlp.3.weight'])
+    assert torch.equal(sg.bin_score.data, sd['bin_score']) and torch.equal(sg.gnn.layers[17].mlp[3].weight.data,
+                                                                           sd['gnn.layers.17.mlp.3.weight'])
 
 # ---- SuperPoint: the official post-processing re-stated literally, one image at a time -----------------------
 def _ref_superpoint(sp, x, c):
@@ -49,17 +55,26 @@ def _ref_superpoint(sp, x, c):
         if pool: feat = F.max_pool2d(feat, 2, 2)
     prob = F.softmax(sp.convPb(F.relu(sp.convPa(feat))), 1)[:, :-1]
     heat = F.pixel_shuffle(prob, 8)[0, 0]                                     # [8h, 8w]
-    r = c['nms_radius']; mp = lambda t: F.max_pool2d(t[None, None], 2*r+1, 1, r)[0, 0]
-    z = torch.zeros_like(heat); mx = heat == mp(heat)
+    r = c['nms_radius']
+    mp = lambda t: F.max_pool2d(t[None, None], 2*r+1, 1, r)[0, 0]
+    z = torch.zeros_like(heat)
+    mx = heat == mp(heat)
     for _ in range(2):
-        sup = mp(mx.float()) > 0; ss = torch.where(sup, z, heat); mx = mx | ((ss == mp(ss)) & ~sup)
+        sup = mp(mx.float()) > 0
+        ss = torch.where(sup, z, heat)
+        mx = mx | ((ss == mp(ss)) & ~sup)
     heat = torch.where(mx, heat, z)
-    kp = torch.nonzero(heat > c['keypoint_threshold']); H, W = heat.shape; b = c['remove_borders']
+    kp = torch.nonzero(heat > c['keypoint_threshold'])
+    H, W = heat.shape
+    b = c['remove_borders']
     kp = kp[(kp[:, 0] >= b) & (kp[:, 0] < H - b) & (kp[:, 1] >= b) & (kp[:, 1] < W - b)]
     sc = heat[kp[:, 0], kp[:, 1]]
-    if c['max_keypoints'] < len(kp): sc, i = torch.topk(sc, c['max_keypoints']); kp = kp[i]
+    if c['max_keypoints'] < len(kp):
+        sc, i = torch.topk(sc, c['max_keypoints'])
+        kp = kp[i]
     kp = kp.flip(1).float()
-    D = F.normalize(sp.convDb(F.relu(sp.convDa(feat))), dim=1); h, w = D.shape[2:]
+    D = F.normalize(sp.convDb(F.relu(sp.convDa(feat))), dim=1)
+    h, w = D.shape[2:]
     g = (kp - 4 + 0.5) / torch.tensor([w*8 - 4 - 0.5, h*8 - 4 - 0.5]) * 2 - 1
     d = F.normalize(F.grid_sample(D, g[None, None], align_corners=True)[0, :, 0], dim=0)
     return kp, sc, d
@@ -82,9 +97,12 @@ def test_superpoint_reproduces_the_official_algorithm_and_batches():
 # ---- SuperGlue: the official computation re-stated (einsum attention, separate images, plain Sinkhorn) -------
 def _ref_superglue(sg, d, iters, thr):
     def norm_kp(k, img):
-        h, w = img.shape[-2:]; size = k.new_tensor([w, h]); return (k - size / 2) / (size.max() * .7)
+        h, w = img.shape[-2:]
+        size = k.new_tensor([w, h])
+        return (k - size / 2) / (size.max() * .7)
     def attn(layer, x, src):
-        a = layer.attn; b = x.shape[0]
+        a = layer.attn
+        b = x.shape[0]
         q, k, v = [p(t).view(b, a.dim, a.h, -1) for p, t in zip(a.proj, (x, src, src))]
         prob = torch.einsum('bdhn,bdhm->bhnm', q, k).div(a.dim ** .5).softmax(-1)
         msg = a.merge(torch.einsum('bhnm,bdhm->bdhn', prob, v).reshape(b, a.dim * a.h, -1))
@@ -95,14 +113,16 @@ def _ref_superglue(sg, d, iters, thr):
         s0, s1 = (x1, x0) if name == 'cross' else (x0, x1)
         x0, x1 = x0 + attn(layer, x0, s0), x1 + attn(layer, x1, s1)
     S = torch.einsum('bdn,bdm->bnm', sg.final_proj(x0), sg.final_proj(x1)) / 256 ** .5
-    b, m, n = S.shape; al = sg.bin_score
+    b, m, n = S.shape
+    al = sg.bin_score
     Z = torch.cat([torch.cat([S, al.expand(b, m, 1)], 2), al.expand(b, 1, n + 1)], 1)
     norm = -torch.tensor(float(m + n)).log()
     mu = torch.cat([norm.expand(m), torch.tensor(float(n)).log()[None] + norm])[None]
     nu = torch.cat([norm.expand(n), torch.tensor(float(m)).log()[None] + norm])[None]
     u, v = torch.zeros_like(mu), torch.zeros_like(nu)
     for _ in range(iters):
-        u = mu - torch.logsumexp(Z + v[:, None], 2); v = nu - torch.logsumexp(Z + u[:, :, None], 1)
+        u = mu - torch.logsumexp(Z + v[:, None], 2)
+        v = nu - torch.logsumexp(Z + u[:, :, None], 1)
     Z = (Z + u[:, :, None] + v[:, None] - norm)[:, :-1, :-1]
     m0, m1 = Z.max(2), Z.max(1)
     mut0 = torch.arange(m)[None] == m1.indices.gather(1, m0.indices)
@@ -111,28 +131,37 @@ def _ref_superglue(sg, d, iters, thr):
 
 def _pair(g, m, n, w, h):
     "Keypoint sets where image 1 holds a permuted, jittered copy of part of image 0 (so there is something to match)"
-    k0 = torch.rand(m, 2, generator=g) * torch.tensor([w, h]); d0 = F.normalize(torch.randn(256, m, generator=g), dim=0)
-    common = min(m, n) * 2 // 3; perm = torch.randperm(n, generator=g)[:common]
-    k1 = torch.rand(n, 2, generator=g) * torch.tensor([w, h]); d1 = F.normalize(torch.randn(256, n, generator=g), dim=0)
-    k1[perm] = k0[:common] + torch.randn(common, 2, generator=g); d1[:, perm] = F.normalize(d0[:, :common] + .1 * torch.randn(256, common, generator=g), dim=0)
-    return dict(keypoints0=k0[None], keypoints1=k1[None], scores0=torch.rand(1, m, generator=g), scores1=torch.rand(1, n, generator=g),
-                descriptors0=d0[None], descriptors1=d1[None], image0=torch.empty(1, 1, h, w), image1=torch.empty(1, 1, h + 8, w - 8))
+    k0 = torch.rand(m, 2, generator=g) * torch.tensor([w, h])
+    d0 = F.normalize(torch.randn(256, m, generator=g), dim=0)
+    common = min(m, n) * 2 // 3
+    perm = torch.randperm(n, generator=g)[:common]
+    k1 = torch.rand(n, 2, generator=g) * torch.tensor([w, h])
+    d1 = F.normalize(torch.randn(256, n, generator=g), dim=0)
+    k1[perm] = k0[:common] + torch.randn(common, 2, generator=g)
+    d1[:, perm] = F.normalize(d0[:, :common] + .1 * torch.randn(256, common, generator=g), dim=0)
+    return dict(keypoints0=k0[None], keypoints1=k1[None], scores0=torch.rand(1, m, generator=g),
+                scores1=torch.rand(1, n, generator=g), descriptors0=d0[None], descriptors1=d1[None],
+                image0=torch.empty(1, 1, h, w), image1=torch.empty(1, 1, h + 8, w - 8))
 
 @torch.no_grad()
 def test_superglue_batched_equals_one_by_one_and_the_reference():
-    torch.manual_seed(0); g = torch.Generator().manual_seed(1)
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
     sg = SuperGlue(sinkhorn_iterations=20, match_threshold=0.2)
     # random weights, made decisive: small keypoint encoding and GNN updates, a scaled final projection, so the
     # planted correspondences give confident matches (a random network leaves every probability under 0.2)
     sg.kenc.encoder[-1].weight.mul_(0.01)
     for l in sg.gnn.layers: l.mlp[3].weight.mul_(0.2)
     sg.final_proj.weight.copy_(torch.eye(256)[..., None] * 20 + 0.05 * torch.randn(256, 256, 1))
-    pairs = [_pair(g, m, n, w, h) for m, n, w, h in [(30, 45, 320, 240), (60, 20, 200, 200), (40, 40, 160, 240), (15, 55, 640, 480)]]
+    pairs = [_pair(g, m, n, w, h) for m, n, w, h in [(30, 45, 320, 240), (60, 20, 200, 200), (40, 40, 160, 240),
+                                                     (15, 55, 640, 480)]]
     single = [sg(p) for p in pairs]
     for p, s in zip(pairs, single):                                          # one-by-one == official re-statement
         ref_m0, ref_s0 = _ref_superglue(sg, p, 20, 0.2)
-        assert torch.equal(s['matches0'], ref_m0); assert torch.allclose(s['matching_scores0'], ref_s0, atol=1e-5)
-    M = max(p['keypoints0'].shape[1] for p in pairs); N = max(p['keypoints1'].shape[1] for p in pairs)
+        assert torch.equal(s['matches0'], ref_m0)
+        assert torch.allclose(s['matching_scores0'], ref_s0, atol=1e-5)
+    M = max(p['keypoints0'].shape[1] for p in pairs)
+    N = max(p['keypoints1'].shape[1] for p in pairs)
     pad = lambda t, L: F.pad(t, (0, 0) * (t.dim() - 2) + (0, L - t.shape[1])) if t.dim() >= 2 else t
     batch = {}
     for s, L in (('0', M), ('1', N)):
@@ -145,7 +174,8 @@ def test_superglue_batched_equals_one_by_one_and_the_reference():
     total = 0
     for i, (p, s) in enumerate(zip(pairs, single)):
         m, n = p['keypoints0'].shape[1], p['keypoints1'].shape[1]
-        assert torch.equal(out['matches0'][i, :m], s['matches0'][0]) and torch.equal(out['matches1'][i, :n], s['matches1'][0])
+        assert torch.equal(out['matches0'][i, :m], s['matches0'][0]) and torch.equal(out['matches1'][i, :n],
+                                                                                     s['matches1'][0])
         assert (out['matches0'][i, m:] == -1).all() and (out['matches1'][i, n:] == -1).all()     # padding never matches
         # the sharpened network amplifies summation-order differences (fused masked attention vs unmasked)
         assert torch.allclose(out['matching_scores0'][i, :m], s['matching_scores0'][0], atol=1e-2)
@@ -154,15 +184,20 @@ def test_superglue_batched_equals_one_by_one_and_the_reference():
     # fp16 autocast (SDPA on a GPU; the CPU's fp16 kernels here): the same matches on the padded batch. Scores in fp16
     # overflowed (inf - inf = NaN in Sinkhorn) before they were computed in fp32: agreement was 0.78 on an H200.
     dev = 'cuda' if torch.cuda.is_available() else 'cpu'
-    sgc = sg.to(dev); bc = {k: v.to(dev) for k, v in batch.items()}
-    with torch.autocast(dev, dtype=torch.float16): o16 = sgc({**bc, 'descriptors0': bc['descriptors0'].half(), 'descriptors1': bc['descriptors1'].half()})
+    sgc = sg.to(dev)
+    bc = {k: v.to(dev) for k, v in batch.items()}
+    with torch.autocast(dev, dtype=torch.float16):
+        o16 = sgc({**bc, 'descriptors0': bc['descriptors0'].half(), 'descriptors1': bc['descriptors1'].half()})
     agree = (o16['matches0'].cpu() == out['matches0']).float().mean()
     assert agree > 0.95, agree
 
 def test_verify_pairs_superglue_batch_sizes_and_pool_agree(tmp_path):
-    src = skimage.data.astronaut(); Image.fromarray(src).save(tmp_path/'a.jpg')
-    Image.fromarray(src[40:, 30:]).save(tmp_path/'b.jpg'); Image.fromarray(skimage.data.coffee()).save(tmp_path/'c.jpg')
-    pairs = [(tmp_path/a, tmp_path/b) for a, b in [('a.jpg', 'b.jpg'), ('b.jpg', 'c.jpg'), ('a.jpg', 'c.jpg'), ('b.jpg', 'a.jpg')]]
+    src = skimage.data.astronaut()
+    Image.fromarray(src).save(tmp_path/'a.jpg')
+    Image.fromarray(src[40:, 30:]).save(tmp_path/'b.jpg')
+    Image.fromarray(skimage.data.coffee()).save(tmp_path/'c.jpg')
+    pairs = [(tmp_path/a, tmp_path/b) for a, b in [('a.jpg', 'b.jpg'), ('b.jpg', 'c.jpg'), ('a.jpg', 'c.jpg'),
+                                                   ('b.jpg', 'a.jpg')]]
     mk = lambda bs: SuperGlueMatcher(size=96, max_keypoints=48, random_weights=True, batch_size=bs, device='cpu')
     one, many = verify_pairs(pairs, mk(1)), verify_pairs(pairs, mk(8))
     assert (one == many).all()
@@ -189,7 +224,8 @@ def test_cache_survives_a_kill_and_detects_corruption(tmp_path):
     try:
         for line in p.stdout:
             if line.startswith('in transaction'): break
-        p.send_signal(signal.SIGKILL); p.wait(30)
+        p.send_signal(signal.SIGKILL)
+        p.wait(30)
     finally:
         if p.poll() is None: p.kill()
     with FeatureCache(db) as c:                          # reopen: committed batches there, the torn one not
@@ -200,8 +236,10 @@ def test_cache_survives_a_kill_and_detects_corruption(tmp_path):
         assert len(c) == 31
     raw = bytearray(db.read_bytes())                      # flip bytes inside one stored array, on disk
     pat = np.full((50, 2), 1, np.float32).tobytes()[:64]
-    i = raw.find(pat); assert i > 0
-    raw[i:i+8] = b'\xff' * 8; db.write_bytes(bytes(raw))
+    i = raw.find(pat)
+    assert i > 0
+    raw[i:i+8] = b'\xff' * 8
+    db.write_bytes(bytes(raw))
     for suf in ('-wal', '-shm'): Path(str(db) + suf).unlink(missing_ok=True)
     with FeatureCache(db) as c:
         got = c.get_feats([f'img1_{i}' for i in range(10)])
