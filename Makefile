@@ -32,6 +32,10 @@ clean-check: $(STAMP)
 	$(PY) tools/docs.py --readme
 	@git diff --quiet -- README.md || { echo "README.md is out of step with nbs/index.ipynb: run make readme and commit"; exit 1; }
 
+# A short ruff rule list on the package, tools and tests plus two house rules (tools/lint.py).
+lint: $(STAMP)
+	$(PY) tools/lint.py
+
 readme: $(STAMP)
 	$(PY) tools/docs.py --readme
 
@@ -49,7 +53,7 @@ GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
 gpu-check:
 	$(GPU_PY) tools/gpu_check.py --device $(DEVICE) --out gpu_check$(if $(filter cpu,$(DEVICE)),_cpu,).jsonl
 
-test: clean-check nbtest pytest
+test: clean-check lint nbtest pytest
 	$(MAKE) gpu-check DEVICE=cpu
 	$(MAKE) bench-scale
 

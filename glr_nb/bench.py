@@ -5,7 +5,6 @@
 # %% ../nbs/10_bench.ipynb #00197cb3
 from __future__ import annotations
 import json, inspect, importlib, platform, io, contextlib
-import torch
 from fastcore.script import Param
 from .core import GLRError, script, atomic_write
 
@@ -20,11 +19,13 @@ BENCHES = {'split':   ('data', dict(n='n_rows')),          'decode':  ('images',
 
 def machine_info()->dict:
     "Where a benchmark ran: device name, torch version, CPU threads"
-    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f'cpu ({platform.processor() or platform.machine()})'
+    import torch
+    cpu = f'cpu ({platform.processor() or platform.machine()})'
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else cpu
     return dict(device=dev, torch=torch.__version__, threads=torch.get_num_threads())
 
 def run_bench(what:str, **kw)->list:
-    "Run `bench_<what>` from its module with the options it accepts; print and return records stamped with `machine_info`"
+    "Run `bench_<what>` with the options it accepts; print and return records stamped with `machine_info`"
     if what not in BENCHES: raise GLRError(f"unknown benchmark {what!r}; choose from {', '.join(BENCHES)} or all")
     mod, names = BENCHES[what]
     f = getattr(importlib.import_module(f'glr_nb.{mod}'), f'bench_{what}')

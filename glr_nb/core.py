@@ -13,9 +13,9 @@ from fastcore.basics import patch
 # %% auto #0
 __all__ = ['LIMITS', 'HEX_ID', 'GLRError', 'in_range', 'check_param', 'field_docs', 'Settings', 'parameters_cell', 'script',
            'data_dir', 'result_dir', 'csv_line', 'check_ids', 'get_logger', 'atomic_write', 'save_json', 'save_csv',
-           'aside_path', 'atomic_dir', 'reserve', 'save_checkpoint', 'load_checkpoint', 'set_seed', 'get_device',
-           'default_device', 'file_digest', 'dist_rank_world', 'dist_barrier', 'init_distributed', 'rank_zero_first',
-           'release_pages']
+           'aside_path', 'atomic_dir', 'reserve', 'new_memmap', 'save_checkpoint', 'load_checkpoint', 'set_seed',
+           'get_device', 'default_device', 'file_digest', 'dist_rank_world', 'dist_barrier', 'init_distributed',
+           'rank_zero_first', 'release_pages']
 
 # %% ../nbs/00_core.ipynb #2dfce38c
 class GLRError(Exception):
@@ -406,6 +406,15 @@ def reserve(path,        # file to allocate (created if missing)
     except OSError as e:
         if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL): raise _named(e, path) from None
     finally: os.close(fd)
+
+# %% ../nbs/00_core.ipynb #a7e1c0d3
+def new_memmap(path,          # .npy file to create (replaced if present)
+               dtype,         # numpy dtype of the rows
+               shape:tuple):  # array shape
+    "A writable `.npy` memory map whose disk blocks are allocated up front (`reserve`): no SIGBUS on a full disk"
+    m = np.lib.format.open_memmap(path, mode='w+', dtype=dtype, shape=tuple(shape))
+    reserve(path, os.path.getsize(path))
+    return m
 
 # %% ../nbs/00_core.ipynb #74690d59
 class _Writes:

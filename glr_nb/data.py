@@ -180,19 +180,21 @@ def nonlandmark_pool(sol,       # recognition solution DataFrame, or None
                      tc):       # train_clean DataFrame
     "Non-landmark candidates outside the test queries, in file order: 2019 rows without a landmark, then train.csv ones"
     a = pd.Series([], dtype=object) if sol is None else sol.id[(sol.landmarks == '') & ~sol.id.isin(test_ids)]
-    b = train.id[~train.landmark_id.isin(tc.landmark_id) & ~train.id.isin(test_ids) & ~train.id.isin(a)].drop_duplicates()
+    x_only = ~train.landmark_id.isin(tc.landmark_id) & ~train.id.isin(test_ids) & ~train.id.isin(a)
+    b = train.id[x_only].drop_duplicates()
     return pd.DataFrame(dict(id=np.r_[a.to_numpy(), b.to_numpy()], subset=['test']*len(a) + ['train']*len(b)))
 
 # %% ../nbs/01_data.ipynb #7cf2ad12
 def _landmark_queries(t20, v2x, s19, n):
-    "2019 rows showing one v2c landmark, then v2x-only images of `num // 2` drawn landmarks (at most 20 each), `num` drawn"
+    "2019 rows of one v2c landmark, then v2x-only images of `num // 2` drawn landmarks (at most 20 each), `num` drawn"
     m = t20.drop_duplicates('landmark_id')
     lab = pd.Series(m.landmark_id.to_numpy(), index=m.landmarks.astype(str).to_numpy())
     a = s19[s19.landmarks.isin(lab.index)]
     a = pd.DataFrame(dict(id=a.id, subset='test', landmark_id=lab[a.landmarks].to_numpy(), landmarks=a.landmarks))
     num = n - len(a)
     if num < 0:
-        get_logger('glr_nb.data').warning(f"validation set: {len(a)} 2019 landmark queries exceed 20% ({n}); keeping all")
+        msg = f"validation set: {len(a)} 2019 landmark queries exceed 20% ({n}); keeping all"
+        get_logger('glr_nb.data').warning(msg)
     x = v2x[~v2x.id.isin(t20.id)]
     cls = _sample(x.drop_duplicates('landmark_id'), num // 2, 'v2x-only landmarks').landmark_id
     b = _sample(x[x.landmark_id.isin(cls)].groupby('landmark_id').head(20), num, 'v2x-only landmark images')
@@ -216,12 +218,14 @@ def validation_set(t20,        # train2020: every v2c image (id, landmark_id = l
     "`(queries, index, gallery)` DataFrames drawn by the reference's `main()` rule"
     s19 = sol[~sol.id.isin(test_ids)]
     if len(s19) < len(sol):
-        get_logger('glr_nb.data').info(f"validation set: {len(sol) - len(s19)} solution rows are test.csv queries; left out")
+        msg = f"validation set: {len(sol) - len(s19)} solution rows are test.csv queries; left out"
+        get_logger('glr_nb.data').info(msg)
     lm = _landmark_queries(t20, v2x, s19, int(valid_num * 0.2))
     nl = _from_test_first(pool, valid_num - len(lm), 'non-landmark queries').assign(landmark_id=-1, landmarks='')
     q = pd.concat([lm, nl], ignore_index=True)
     inq = trn.landmarks.isin(lm.landmarks.astype(np.int64))
-    ix = pd.concat([trn[inq], _sample(trn[~inq], 10 * valid_num - int(inq.sum()), 'index images')]).assign(subset='train')
+    rest = _sample(trn[~inq], 10 * valid_num - int(inq.sum()), 'index images')
+    ix = pd.concat([trn[inq], rest]).assign(subset='train')
     gal = _from_test_first(pool[~pool.id.isin(q.id)], n_gallery, 'gallery images')
     cols = ['id', 'subset', 'landmark_id', 'landmarks']
     return q[cols], ix[cols].reset_index(drop=True), gal.reset_index(drop=True)
@@ -361,7 +365,8 @@ def synth_gld(d,                   # folder to write raw/ into
     lb = lid.astype('S6')
     with open(raw/'train.csv', 'wb') as f:
         f.write(b'id,url,landmark_id\n')
-        f.write(b''.join(np.char.add(np.char.add(np.char.add(np.char.add(ids, b',https://upload.wikimedia.org/wikipedia/commons/'), ids), b'.jpg,'), np.char.add(lb, b'\n'))))
+        url = np.char.add(np.char.add(ids, b',https://upload.wikimedia.org/wikipedia/commons/'), ids)
+        f.write(b''.join(np.char.add(np.char.add(url, b'.jpg,'), np.char.add(lb, b'\n'))))
     sel = np.flatnonzero(np.isin(lid, clean) & (rng.random(n_rows) < .96))
     sel = sel[np.argsort(lid[sel], kind='stable')]
     cut = np.searchsorted(lid[sel], clean)
@@ -372,7 +377,8 @@ def synth_gld(d,                   # folder to write raw/ into
     (raw/'train_clean.csv').write_bytes(b'landmark_id,images\n' + b''.join(lines))
     sid = _hex(rng, n_sol)
     lm = np.where(rng.random(n_sol) < .02, rng.choice(clean, n_sol).astype('S6'), b'')
-    (raw/'recognition_solution_v2.1.csv').write_bytes(b'id,landmarks,Usage\n' + b''.join(np.char.add(np.char.add(np.char.add(sid, b','), lm), b',Private\n')))
+    rows = np.char.add(np.char.add(np.char.add(sid, b','), lm), b',Private\n')
+    (raw/'recognition_solution_v2.1.csv').write_bytes(b'id,landmarks,Usage\n' + b''.join(rows))
     (raw/'test.csv').write_bytes(b'id\n' + b''.join(np.char.add(sid[:10_345], b'\n')))
     return dict(train=n_rows, train_clean=int(keep.sum()), clean_images=len(sel), solution=n_sol)
 
@@ -384,7 +390,8 @@ def bench_split(n_rows=4_132_914,   # train.csv rows
         t0 = time.time()
         sizes = synth_gld(d, n_rows, n_classes, seed=seed)
         t_gen = time.time() - t0
-        code = f"import time; t=time.time(); from glr_nb.data import make_splits; c=make_splits({d!r}); print(time.time()-t)"
+        code = ("import time; t=time.time(); from glr_nb.data import make_splits; "
+                f"c=make_splits({d!r}); print(time.time()-t)")
         t0 = time.time()
         p = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
         wall = time.time() - t0

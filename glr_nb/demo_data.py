@@ -91,7 +91,8 @@ def facade(rng,               # numpy Generator: the landmark's identity
            n_buildings=None): # 1-4 when None
     "A procedural street scene: sky, 1-4 textured buildings with windows, doors and signs (uint8 [h,w,3])"
     sky0, sky1 = np.array(_col(rng, 90, 255), np.float32), np.array(_col(rng, 60, 255), np.float32)
-    img = np.ascontiguousarray(np.broadcast_to(sky0 + (sky1 - sky0)*np.linspace(0, 1, h)[:, None, None], (h, w, 3)).astype(np.uint8))
+    sky = sky0 + (sky1 - sky0)*np.linspace(0, 1, h)[:, None, None]
+    img = np.ascontiguousarray(np.broadcast_to(sky, (h, w, 3)).astype(np.uint8))
     nb = n_buildings or int(rng.integers(1, 5))
     xs = np.sort(rng.choice(np.arange(w//8, w - w//8), nb - 1, replace=False)) if nb > 1 else []
     edges = [0, *xs, w]
@@ -117,7 +118,8 @@ def indoor(rng, h=256, w=256):  # numpy Generator, picture size
 def face(rng, h=256, w=256):  # numpy Generator, picture size
     "A face-like blob scene: skin ellipse, eyes, mouth, hair on a blurred background"
     img = np.array(_col(rng), np.float32) + 30*noise_texture(rng, h, w, scales=(16, 48))
-    cx, cy, ax, ay = w//2 + int(rng.integers(-30, 30)), h//2 + int(rng.integers(-20, 20)), int(rng.integers(50, 80)), int(rng.integers(65, 100))
+    cx, cy = w//2 + int(rng.integers(-30, 30)), h//2 + int(rng.integers(-20, 20))
+    ax, ay = int(rng.integers(50, 80)), int(rng.integers(65, 100))
     cv2.ellipse(img, (cx, cy - ay//3), (ax + 8, ay), 0, 180, 360, _col(rng, 0, 120), -1)
     cv2.ellipse(img, (cx, cy), (ax, ay), 0, 0, 360,
                 (int(rng.integers(150, 240)), int(rng.integers(110, 190)), int(rng.integers(80, 160))), -1)
@@ -251,7 +253,8 @@ def _bases(n_clean, n_other, seed):
             continue
         r = np.random.default_rng([seed, 2, c])
         kind = 'skyline' if r.random() < .3 else 'facade'
-        out.append((f'{kind}:{c}', facade(r, 256, 320, n_buildings=int(r.integers(3, 5))) if kind == 'skyline' else facade(r, 320, 256)))
+        img = facade(r, 256, 320, n_buildings=int(r.integers(3, 5))) if kind == 'skyline' else facade(r, 320, 256)
+        out.append((f'{kind}:{c}', img))
     clean = [out[i] for i in rng.permutation(n_clean)]
     return clean + out[n_clean:]
 

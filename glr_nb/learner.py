@@ -769,12 +769,13 @@ def bench_train(arch='resnet18',   # architecture (the real one: tf_efficientnet
                 bf16=None,          # bf16 autocast for ours: None = on a GPU that has it, True = on any device
                 eager=True)->list:  # also time ours without compile
     "Images/second and peak memory of training steps: reference recipe vs ours; prints JSON lines"
-    dev = torch.device(device) if device else (torch.device('cuda') if torch.cuda.is_available() else torch.device('cpu'))
+    dev = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     steps = n or steps
     compile = dev.type == 'cuda' if compile is None else compile
     bf16 = dev.type == 'cuda' and torch.cuda.is_bf16_supported() if bf16 is None else bf16
     cfgs = [('reference', dict(bs=ref_batch, amp=None, cl=False, comp=False)),
-            ('ours', dict(bs=batch or (64 if dev.type == 'cuda' else 16), amp=torch.bfloat16 if bf16 else None, cl=True, comp=False))]
+            ('ours', dict(bs=batch or (64 if dev.type == 'cuda' else 16), amp=torch.bfloat16 if bf16 else None, cl=True,
+                          comp=False))]
     if compile: cfgs.append(('ours+compile', {**cfgs[1][1], 'comp': True}))
     if compile and not eager: cfgs.pop(1)
     rows = []
@@ -783,7 +784,8 @@ def bench_train(arch='resnet18',   # architecture (the real one: tf_efficientnet
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         set_seed(0)
-        raw = create_model(arch, num_classes).to(dev, memory_format=torch.channels_last if c['cl'] else torch.preserve_format)
+        fmt = torch.channels_last if c['cl'] else torch.preserve_format
+        raw = create_model(arch, num_classes).to(dev, memory_format=fmt)
         model = torch.compile(raw) if c['comp'] else raw
         tm = _Timer(warmup, dev)
         cbs = [ArcFaceInput(c['cl']), tm] + ([Autocast(c['amp'])] if c['amp'] else [])
@@ -794,7 +796,8 @@ def bench_train(arch='resnet18',   # architecture (the real one: tf_efficientnet
         t_start = time.perf_counter()
         learn.fit(1)
         dt = time.perf_counter() - tm.t0
-        mem = torch.cuda.max_memory_allocated() / 2**20 if dev.type == 'cuda' else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        mem = torch.cuda.max_memory_allocated() / 2**20 if dev.type == 'cuda' else rss_mb
         row = dict(config=name, arch=arch, img=img, batch=c['bs'], amp=str(c['amp']).replace('torch.', ''),
                    channels_last=c['cl'], compile=c['comp'], device=str(dev), img_per_s=round(tm.n / dt, 2),
                    peak_mem_mb=round(mem, 1),

@@ -12,6 +12,7 @@ from fastcore.basics import patch
 from fastcore.script import Param
 from . import core
 from .core import GLRError, script, get_logger, save_json, save_csv, save_checkpoint, load_checkpoint
+from .core import new_memmap
 from .core import file_digest
 
 # %% auto #0
@@ -80,7 +81,7 @@ def _write_ensemble(d, embs:dict, weights:dict)->dict:
     from glr_nb.retrieval import ensemble
     n, dim = len(next(iter(embs.values()))), sum(e.shape[1] for e in embs.values())
     tmp = Path(d)/'.ensemble.npy.tmp'
-    out = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.float16, shape=(n, dim))
+    out = new_memmap(tmp, np.float16, (n, dim))
     ensemble(embs, weights, out=out)
     out.flush()
     del out
@@ -688,7 +689,7 @@ def demo_photos(data_dir,      # a demo dataset (`glr_nb.demo.demo_data`)
 def _synthetic_table(f, n:int, dim:int, seed)->np.ndarray:
     "A read-only memory map of `n` random unit vectors (float16) at `f`, written in blocks unless already there"
     if not (Path(f).is_file() and np.load(f, mmap_mode='r').shape == (n, dim)):
-        t = np.lib.format.open_memmap(Path(f), mode='w+', dtype=np.float16, shape=(n, dim))
+        t = new_memmap(Path(f), np.float16, (n, dim))
         for a in range(0, n, 1 << 16):
             x = np.random.default_rng([seed, a]).standard_normal((min(n - a, 1 << 16), dim), np.float32)
             t[a:a + len(x)] = x / np.linalg.norm(x, axis=1, keepdims=True)

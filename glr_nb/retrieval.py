@@ -17,7 +17,7 @@ __all__ = ['BAD_LABEL', 'DEFAULT_WEIGHTS', 'embed_batch', 'extract', 'reference_
            'file_stamps', 'cache_state', 'cached_extract', 'load_embeddings', 'unreadable', 'store_embeddings',
            'checkpoint_key', 'check_unreadable', 'embed_checkpoint', 'EnsembleView', 'ensemble', 'knn',
            'query_expansion', 'CandList', 'search', 'model_lists', 'merge_lists', 'vote', 'plot_gallery', 'image_set',
-           'glr_extract', 'bench_knn', 'bench_extract']
+           'bench_knn', 'bench_extract']
 
 # %% ../nbs/04_retrieval.ipynb #9d89d6de
 BAD_LABEL = -100  # the label glr_nb.data.ImageDataset gives an unreadable image
@@ -169,7 +169,7 @@ def _create(path, key, ids, dim, chunk):
     need, free = len(ids) * int(dim) * 2, shutil.disk_usage(npy.parent).free
     if need > free: raise GLRError(f"{npy}: needs {need / 2**30:.2f} GiB, {free / 2**30:.2f} GiB free; free some space")
     _write_ids(idf, ids)
-    np.lib.format.open_memmap(npy, mode='w+', dtype=np.float16, shape=(len(ids), dim))
+    core.new_memmap(npy, np.float16, (len(ids), dim))
     save_json(_meta(key, ids, dim, chunk), mf)
 
 def _prepare(path, key, ids, dim, chunk, log):
@@ -189,7 +189,7 @@ def _prepare(path, key, ids, dim, chunk, log):
 
 # %% ../nbs/04_retrieval.ipynb #e4d6f8a0
 def _fill(path, todo, chunk, rows, stamps, desc=None):
-    "Write chunks `todo` from `rows(s, e, pbar)`; each chunk's record (CRC, file stamps, unreadable rows) after its rows"
+    "Write chunks `todo` from `rows(s, e, pbar)`; each chunk's record (CRC, file stamps, bad rows) after its rows"
     from tqdm.auto import tqdm
     mm, parts = np.load(path, mmap_mode='r+'), _paths(path)[3]
     with tqdm(total=sum(min(chunk, len(mm) - i*chunk) for i in todo), desc=desc, disable=desc is None) as pb:
@@ -582,8 +582,9 @@ def plot_gallery(cands:pd.DataFrame,  # candidates table
     fig, axs = plt.subplots(len(qs), k+1, figsize=(size*(k+1), size*len(qs)), squeeze=False)
     for r, q in enumerate(qs):
         rows = cands[cands.query_id == q].sort_values('rank').head(k)
-        items = [(q, 'query', 'black')] + [(t.db_id, f'{t.label} @ {t.score:.2f}',
-                 'gray' if truth is None else ('green' if t.label in truth.get(q, []) else 'red')) for t in rows.itertuples()]
+        colour = lambda t: 'gray' if truth is None else ('green' if t.label in truth.get(q, []) else 'red')
+        items = [(q, 'query', 'black')]
+        items += [(t.db_id, f'{t.label} @ {t.score:.2f}', colour(t)) for t in rows.itertuples()]
         for c_, ax in enumerate(axs[r]):
             ax.set_xticks([])
             ax.set_yticks([])
@@ -606,7 +607,9 @@ def image_set(data_dir, name:str)->pd.DataFrame:
     from glr_nb.core import check_ids
     d = Path(data_dir)
     def _csv(p, **kw):
-        if not p.is_file(): raise GLRError(f"{p}: not found; run glr_split --data-dir {d} first" if 'split' in p.parts else f"{p}: not found")
+        if not p.is_file():
+            fix = f"; run glr_split --data-dir {d} first" if 'split' in p.parts else ''
+            raise GLRError(f"{p}: not found{fix}")
         df = pd.read_csv(p, dtype={'id': str}, keep_default_na=False, **kw)
         if 'id' not in df.columns: raise GLRError(f"{p}: line 1: no id column; re-run glr_split or re-download it")
         check_ids(df['id'], p)                          # a bad id is named with its file and line
@@ -625,27 +628,6 @@ def image_set(data_dir, name:str)->pd.DataFrame:
     df['path'] = None
     for sub, g in df.groupby('subset'): df.loc[g.index, 'path'] = [str(p) for p in image_paths(d/'images'/sub, g['id'])]
     return df
-
-# %% ../nbs/04_retrieval.ipynb #1223c809
-@script
-def glr_extract(checkpoint:str=None, # model checkpoint (.pth) written by glr_train
-                images:str='test',   # image set: test, index, nonlandmark, val_query, val_index
-                data_dir:str=None,   # DATA_DIR (else $GLR_DATA_DIR)
-                result_dir:str=None, # RESULT_DIR (else $GLR_RESULT_DIR); caches go to RESULT_DIR/features
-                img_size:int=800,    # square image size (the reference's 800)
-                bs:int=32,           # batch size
-                num_workers:int=2,   # data loader workers
-                device:str=None,     # cuda or cpu (default: cuda when present)
-                chunk:int=8192,      # rows per resumable chunk (the unit of sharding across ranks)
-                max_bad_frac:float=0.01):  # refuse a set with a larger share of unreadable images
-    "Extract (or resume) cached embeddings of one image set with one checkpoint; shards under torchrun"
-    if not checkpoint: raise GLRError("pass --checkpoint PATH")
-    df = image_set(core.data_dir(data_dir), images)
-    rank, _ = core.init_distributed(device)
-    feats = core.result_dir(result_dir)/'features'
-    m, ids = embed_checkpoint(checkpoint, df['path'].tolist(), df['id'].tolist(), feats, images, img_size, bs, device,
-                              num_workers, chunk, max_bad_frac=max_bad_frac)
-    if rank == 0: print(f"{images}: {m.shape[0]} x {m.shape[1]} embeddings in {m.filename}")
 
 # %% ../nbs/04_retrieval.ipynb #523da9d9
 def bench_knn(n=100_000, nq=None, d=512, k=10, backends=('faiss', 'torch'), device=None)->list:

@@ -13,8 +13,8 @@ from .metrics import read_submission, read_solution, global_average_precision
 
 # %% auto #0
 __all__ = ['SETS', 'label_map', 'submission_frame', 'write_submission', 'parse_checkpoints', 'load_sets', 'embed_sets',
-           'retrieve_lists', 'list_inliers', 'rerank_lists', 'SubmitSettings', 'cached_stage', 'SubmitRun',
-           'run_submit', 'glr_submit']
+           'glr_extract', 'retrieve_lists', 'list_inliers', 'rerank_lists', 'SubmitSettings', 'cached_stage',
+           'SubmitRun', 'run_submit', 'glr_submit']
 
 # %% ../nbs/08_submit.ipynb #02f6b851
 def label_map(split:pd.DataFrame)->pd.Series:
@@ -23,7 +23,9 @@ def label_map(split:pd.DataFrame)->pd.Series:
     if miss: raise GLRError(f"label_map: split table lacks column(s) {miss}; use a split/ file written by glr_split")
     s = split[split['landmark_id'].astype(int) >= 0][['landmark_id', 'landmarks']].astype(np.int64).drop_duplicates()
     dup = s['landmark_id'].duplicated(keep=False)
-    if dup.any(): raise GLRError(f"label_map: label {s['landmark_id'][dup].iloc[0]} maps to several landmark ids; re-run glr_split")
+    if dup.any():
+        lab = s['landmark_id'][dup].iloc[0]
+        raise GLRError(f"label_map: label {lab} maps to several landmark ids; re-run glr_split")
     return s.set_index('landmark_id')['landmarks']
 
 # %% ../nbs/08_submit.ipynb #c0b88cbf
@@ -86,8 +88,31 @@ def load_sets(data_dir, names=SETS)->dict:
 def embed_sets(ckpts:dict, sets:dict, cache_dir, img_size=800, bs=32, device=None, num_workers=0, progress=True)->dict:
     "set name -> model name -> float16 memmap of embeddings, for `ckpts` (name -> (path, weight))"
     from glr_nb.retrieval import embed_checkpoint
-    return {s: {m: embed_checkpoint(p, df['path'].tolist(), df['id'].tolist(), cache_dir, s, img_size, bs, device,
-                                    num_workers, progress=progress)[0] for m, (p, w) in ckpts.items()} for s, df in sets.items()}
+    embed = lambda p, df, s: embed_checkpoint(p, df['path'].tolist(), df['id'].tolist(), cache_dir, s, img_size, bs,
+                                              device, num_workers, progress=progress)[0]
+    return {s: {m: embed(p, df, s) for m, (p, w) in ckpts.items()} for s, df in sets.items()}
+
+# %% ../nbs/08_submit.ipynb #1223c809
+@script
+def glr_extract(checkpoint:str=None, # model checkpoint (.pth) written by glr_train
+                images:str='test',   # image set: test, index, nonlandmark, val_query, val_index
+                data_dir:str=None,   # DATA_DIR (else $GLR_DATA_DIR)
+                result_dir:str=None, # RESULT_DIR (else $GLR_RESULT_DIR); caches go to RESULT_DIR/features
+                img_size:int=800,    # square image size (the reference's 800)
+                bs:int=32,           # batch size
+                num_workers:int=2,   # data loader workers
+                device:str=None,     # cuda or cpu (default: cuda when present)
+                chunk:int=8192,      # rows per resumable chunk (the unit of sharding across ranks)
+                max_bad_frac:float=0.01):  # refuse a set with a larger share of unreadable images
+    "Extract (or resume) cached embeddings of one image set with one checkpoint; shards under torchrun"
+    if not checkpoint: raise GLRError("pass --checkpoint PATH")
+    from glr_nb.retrieval import image_set, embed_checkpoint
+    df = image_set(core.data_dir(data_dir), images)
+    rank, _ = core.init_distributed(device)
+    feats = core.result_dir(result_dir)/'features'
+    m, ids = embed_checkpoint(checkpoint, df['path'].tolist(), df['id'].tolist(), feats, images, img_size, bs, device,
+                              num_workers, chunk, max_bad_frac=max_bad_frac)
+    if rank == 0: print(f"{images}: {m.shape[0]} x {m.shape[1]} embeddings in {m.filename}")
 
 # %% ../nbs/08_submit.ipynb #381f1534
 def retrieve_lists(embs:dict,     # set name -> model -> embeddings (`embed_sets`)
@@ -102,7 +127,8 @@ def retrieve_lists(embs:dict,     # set name -> model -> embeddings (`embed_sets
     from glr_nb.retrieval import model_lists, merge_lists
     lab = sets[index]['landmark_id'].to_numpy(np.int64)
     lists = model_lists(embs[query], embs[index], lab, weights, k, backend, db_ens)
-    out = dict(lists=lists, merged=merge_lists([lists[f'm{i}'] for i in range(1, len(lists))], list(weights.values()), k))
+    per_model = [lists[f'm{i}'] for i in range(1, len(lists))]
+    out = dict(lists=lists, merged=merge_lists(per_model, list(weights.values()), k))
     if 'nonlandmark' in embs: out['nl_lists'] = model_lists(embs[query], embs['nonlandmark'], None, weights, k, backend)
     return out
 
@@ -137,7 +163,7 @@ def rerank_lists(m0:'CandList',    # the ensemble's list
 @dataclasses.dataclass
 class SubmitSettings(core.Settings):
     "Settings of the submission pipeline; the defaults are the reference's"
-    checkpoints: str = None       # the ensemble: name=path[:weight],... (weights default to the reference's for b7 b6 b5 r152)
+    checkpoints: str = None       # the ensemble: name=path[:weight],... (default weights: the reference's)
     data_dir: str = None          # DATA_DIR with raw/, images/ and split/ (else $GLR_DATA_DIR)
     result_dir: str = None        # RESULT_DIR: embedding and stage caches (else $GLR_RESULT_DIR)
     out_dir: str = None           # submission.csv, metrics.json and the stacker (default RESULT_DIR/submit)
@@ -152,7 +178,7 @@ class SubmitSettings(core.Settings):
     superpoint: str = None        # superpoint_v1.pth (SuperPoint + SuperGlue re-rank)
     superglue: str = None         # superglue_outdoor.pth
     rerank_size: int = 800        # longest image side for matching (0: original size)
-    ransac: str = 'degensac'      # homography estimator: degensac (pydegensac, the reference's) or magsac, accurate, ...
+    ransac: str = 'degensac'      # homography: degensac (pydegensac, the reference's) or magsac, accurate, ...
     stacking: bool = True         # the LightGBM stacker
     stacker: str = None           # folder of a saved stacker to apply (default: train one on the validation set)
     stack_folds: int = 5          # folds per stacker model
@@ -247,7 +273,8 @@ def _retrieve_stage(s, rd, ck, sets, embs, q, d, log):
     key = dict(stage='retrieve', v=1, models={m: checkpoint_key(p, s.img_size) for m, (p, w) in ck.items()},
                weights={m: w for m, (p, w) in ck.items()}, k=s.k,
                sets={n: ids_sha1(sets[n]['id']) for n in (q, d, 'nonlandmark') if n in sets})
-    f = lambda: retrieve_lists({n: e for n, e in embs.items() if n in (q, d, 'nonlandmark')}, sets, q, d, key['weights'], s.k)
+    used = {n: e for n, e in embs.items() if n in (q, d, 'nonlandmark')}
+    f = lambda: retrieve_lists(used, sets, q, d, key['weights'], s.k)
     return cached_stage(rd/'stages'/f'retrieve_{q}.npz', key, f, log) | dict(key=key)
 
 def _rerank_stage(s, rd, sets, R, q, d, matcher, log):
@@ -255,7 +282,8 @@ def _rerank_stage(s, rd, sets, R, q, d, matcher, log):
     dig = lambda p: file_digest(p) if p else None
     key = dict(stage='rerank', v=1, lists=R['key'], matcher=matcher, superpoint=dig(s.superpoint),
                superglue=dig(s.superglue), size=s.rerank_size, ransac=s.ransac)
-    cfg = dict(matcher=matcher, size=s.rerank_size or None, method=s.ransac, device=s.device, cache=str(rd/'rerank_cache.sqlite'),
+    cfg = dict(matcher=matcher, size=s.rerank_size or None, method=s.ransac, device=s.device,
+               cache=str(rd/'rerank_cache.sqlite'),
                progress=True, **{k_: v for k_, v in dict(superpoint=s.superpoint, superglue=s.superglue).items() if v})
     lists = [R['lists']['m0'], R['merged']]
     f = lambda: dict(zip(('m0', 'merged'), list_inliers(lists, sets[q]['path'], sets[d]['path'], **cfg)))
@@ -291,7 +319,7 @@ def _features(s, R, ids):
     return stack_features(R.get('reranked', R['merged']), R['lists'], R['nl_lists'], R.get('ransac'), ids, s.top_k)
 
 def _stack_stage(s, out, R, sets, val_truth, log):
-    "The stacker (saved, cached under `out`/stacker, or trained on the validation set) and its test and validation predictions"
+    "The stacker (saved, cached under `out`/stacker, or trained on the validation set) and its test and val predictions"
     from glr_nb.postprocess import train_stacker, save_stacker, load_stacker, stack_predict
     from glr_nb.retrieval import ids_sha1
     f_te, lab_te = _features(s, R['test'], sets['test']['id'])
@@ -341,8 +369,9 @@ def _write(s, out, preds, gaps, val_gaps, sets, sol, lab2lm, seconds, matcher):
     sub = write_submission(preds[final], sets['test']['id'].tolist(), lab2lm, out/'submission.csv')
     m = dict({f'gap_{st_}': gaps.get(st_) for st_ in ('global', 'merged', 'rerank', 'stacked')},
              final_stage=final, gap_final=gaps[final],
-             validation={f'gap_{k_}': v for k_, v in val_gaps.items()}, n_test=len(sets['test']), n_test_scored=len(sol or {}),
-             n_test_landmark=sum(map(bool, (sol or {}).values())), n_val=len(sets['val_query']) if 'val_query' in sets else 0,
+             validation={f'gap_{k_}': v for k_, v in val_gaps.items()}, n_test=len(sets['test']),
+             n_test_scored=len(sol or {}), n_test_landmark=sum(map(bool, (sol or {}).values())),
+             n_val=len(sets['val_query']) if 'val_query' in sets else 0,
              matcher=matcher, settings=s.asdict(), seconds=seconds)
     return sub, m
 
@@ -350,7 +379,7 @@ def _write(s, out, preds, gaps, val_gaps, sets, sol, lab2lm, seconds, matcher):
 def run_submit(s:SubmitSettings, # the run's settings
                log=None          # logger (default: 'glr_submit', also to OUT_DIR/submit.log)
               )->SubmitRun:
-    "Embed, retrieve, vote, re-rank, stack, write the submission; under torchrun every rank embeds and re-ranks its share"
+    "Embed, retrieve, vote, re-rank, stack, write the submission; under torchrun each rank embeds, re-ranks its share"
     seconds = {}
     log = log or get_logger('glr_submit')
     rank, _ = core.init_distributed(s.device)

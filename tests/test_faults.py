@@ -9,7 +9,7 @@ from PIL import Image
 import glr_nb.core as core
 from glr_nb.data import glr_split, make_demo_dataset, make_splits
 from glr_nb.train import glr_train, run_complete
-from glr_nb.retrieval import glr_extract
+from glr_nb.submit import glr_extract
 from glr_nb.submit import glr_submit
 from glr_nb.metrics import glr_score
 from glr_nb.bench import glr_bench
