@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np, pytest, torch, torch.nn.functional as F
 import skimage.data
 from PIL import Image
+from glr_nb.core import GLRError
 from glr_nb.rerank import (SuperPoint, SuperGlue, FeatureCache, SuperGlueMatcher, verify_pairs, load_gray)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -205,6 +206,14 @@ def test_verify_pairs_superglue_batch_sizes_and_pool_agree(tmp_path):
     s1 = verify_pairs(pairs * 3, 'sift', size=256, workers=1)
     s2 = verify_pairs(pairs * 3, 'sift', size=256, workers=2, min_pool=1)      # RANSAC in the process pool
     assert (s1 == s2).all() and s1[0] > 30 and s1[1] < 15
+
+def test_verify_pairs_refuses_a_misspelt_matcher_setting(tmp_path):
+    "A misspelt setting stops `verify_pairs` with a `GLRError` naming it, before any image is read"
+    cases = [('sift', dict(max_keypoint=500), 'max_keypoint'), ('auto', dict(ratoi=.7), 'ratoi'),
+             ('superglue', dict(random_weights=True, device='cpu', nms=3), 'nms')]
+    for matcher, kw, bad in cases:
+        with pytest.raises(GLRError, match=rf"unknown setting\(s\) {bad};"):
+            verify_pairs([(tmp_path/'a.jpg', tmp_path/'b.jpg')], matcher, **kw)
 
 # ---- caches ------------------------------------------------------------------------------------------------
 WRITER = textwrap.dedent('''
