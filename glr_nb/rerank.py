@@ -549,8 +549,12 @@ class SuperGlueMatcher:
     def __init__(self, superpoint=None,        # path of superpoint_v1.pth
                  superglue=None,               # path of superglue_outdoor.pth (or indoor)
                  size=800,                     # longest image side
-                 max_keypoints=1024, nms_radius=4, keypoint_threshold=0.005, remove_borders=4,
-                 sinkhorn_iterations=20, match_threshold=0.2,
+                 max_keypoints=1024,           # SuperPoint: strongest keypoints kept
+                 nms_radius=4,                 # SuperPoint: non-maximum suppression radius (pixels)
+                 keypoint_threshold=0.005,     # SuperPoint: minimum keypoint score
+                 remove_borders=4,             # SuperPoint: keypoints this close to the border are dropped
+                 sinkhorn_iterations=20,       # SuperGlue: optimal-transport iterations
+                 match_threshold=0.2,          # SuperGlue: minimum match probability
                  device=None,                  # default: cuda if available
                  fp16=None,                    # autocast fp16 (default: on GPU)
                  batch_size=32,                # images per SuperPoint batch and pairs per SuperGlue batch
