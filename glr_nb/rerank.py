@@ -4,14 +4,15 @@
 
 # %% ../nbs/05_rerank.ipynb #634a20fe
 from __future__ import annotations
-import os, io, json, time, zlib, sqlite3, hashlib, contextlib, logging, warnings
+import os, io, json, time, zlib, sqlite3, contextlib, inspect
 import multiprocessing as mp
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-import numpy as np, pandas as pd, torch, cv2
+import numpy as np, torch, cv2
 import torch.nn.functional as F
 from torch import nn
 from PIL import Image
+from fastcore.basics import patch
 from .core import GLRError, load_checkpoint, default_device, get_logger, dist_rank_world, dist_barrier
 
 # %% auto #0
@@ -71,18 +72,22 @@ class SuperPoint(nn.Module):
         self.config = c = {**self.default_config, **(config or {}), **kw}
         if c['max_keypoints'] == 0 or c['max_keypoints'] < -1: raise GLRError('max_keypoints must be positive or -1')
         conv = lambda i, o, k=3: nn.Conv2d(i, o, k, stride=1, padding=k//2)
-        for n, (i, o) in dict(conv1a=(1, 64), conv1b=(64, 64), conv2a=(64, 64), conv2b=(64, 64), conv3a=(64, 128),
-                              conv3b=(128, 128), conv4a=(128, 128), conv4b=(128, 128)).items(): setattr(self, n, conv(i, o))
+        shapes = dict(conv1a=(1, 64), conv1b=(64, 64), conv2a=(64, 64), conv2b=(64, 64), conv3a=(64, 128),
+                      conv3b=(128, 128), conv4a=(128, 128), conv4b=(128, 128))
+        for n, (i, o) in shapes.items(): setattr(self, n, conv(i, o))
         self.convPa, self.convPb = conv(128, 256), conv(256, 65, 1)
         self.convDa, self.convDb = conv(128, 256), conv(256, c['descriptor_dim'], 1)
         _load_weights(self, c['weights'], 'superpoint_v1')
         self.eval()
 
 # %% ../nbs/05_rerank.ipynb #2e3563ed
+@patch
 @torch.no_grad()
-def _sp_dense(self, x):
+def _dense(self:SuperPoint, x):
     "Score map [B,8h,8w] after NMS and L2-normalised dense descriptors [B,D,h,w]"
-    for a, b, pool in [('conv1a', 'conv1b', True), ('conv2a', 'conv2b', True), ('conv3a', 'conv3b', True), ('conv4a', 'conv4b', False)]:
+    blocks = [('conv1a', 'conv1b', True), ('conv2a', 'conv2b', True), ('conv3a', 'conv3b', True),
+              ('conv4a', 'conv4b', False)]                                    # (conv, conv, max-pool after)
+    for a, b, pool in blocks:
         x = F.relu(getattr(self, b)(F.relu(getattr(self, a)(x))))
         if pool: x = F.max_pool2d(x, 2, 2)
     prob = F.softmax(self.convPb(F.relu(self.convPa(x))).float(), 1)[:, :-1]      # drop the dustbin
@@ -90,10 +95,10 @@ def _sp_dense(self, x):
     prob = prob.reshape(b, 8, 8, h, w).permute(0, 3, 1, 4, 2).reshape(b, h*8, w*8)  # depth to space
     desc = F.normalize(self.convDb(F.relu(self.convDa(x))).float(), p=2, dim=1)
     return simple_nms(prob, self.config['nms_radius']), desc
-SuperPoint._dense = _sp_dense
 
 # %% ../nbs/05_rerank.ipynb #57308d35
-def _sp_forward(self, data:dict):
+@patch
+def forward(self:SuperPoint, data:dict):
     "Official outputs: lists of `keypoints` [N,2] (x, y), `scores` [N], `descriptors` [D,N], one per image"
     c = self.config
     scores, desc = self._dense(data['image'])
@@ -112,7 +117,6 @@ def _sp_forward(self, data:dict):
     kp_pad = torch.stack([F.pad(k, (0, 0, 0, n - len(k))) for k in kps])          # one grid_sample per batch
     d = sample_descriptors(kp_pad, desc, 8)
     return dict(keypoints=kps, scores=scs, descriptors=[d[i, :, :len(k)] for i, k in enumerate(kps)])
-SuperPoint.forward = _sp_forward
 
 # %% ../nbs/05_rerank.ipynb #4c583473
 def _mlp(channels:list, bn=True):
@@ -203,6 +207,30 @@ def log_optimal_transport(scores:torch.Tensor, # [B,M,N] similarity of keypoints
         v = log_nu - torch.logsumexp(Z + u[:, :, None], 1)
     return Z + u[:, :, None] + v[:, None, :] - norm[:, None, None]
 
+# %% ../nbs/05_rerank.ipynb #36fece2f
+def _pad_to(t, n, dim, value=0):
+    if t.shape[dim] == n: return t
+    pad = [0, 0] * (t.dim() - dim - 1) + [0, n - t.shape[dim]]
+    return F.pad(t, pad, value=value)
+
+def _size_of(data, i, b, dev):
+    if f'size{i}' in data: return torch.as_tensor(data[f'size{i}'], device=dev).reshape(-1, 2).expand(b, 2)
+    h, w = data[f'image{i}'].shape[-2:]
+    return torch.tensor([[w, h]], device=dev).expand(b, 2)
+
+def _mutual_matches(Z, mask0, mask1, threshold):
+    Z = Z.masked_fill(~(mask0[:, :, None] & mask1[:, None, :]), float('-inf'))
+    max0, max1 = Z.max(2), Z.max(1)
+    i0, i1 = max0.indices, max1.indices
+    mutual0 = torch.arange(Z.shape[1], device=Z.device)[None] == i1.gather(1, i0)
+    mutual1 = torch.arange(Z.shape[2], device=Z.device)[None] == i0.gather(1, i1)
+    ms0 = torch.where(mutual0, max0.values.exp(), Z.new_tensor(0.))
+    ms1 = torch.where(mutual1, ms0.gather(1, i1), Z.new_tensor(0.))
+    ok0 = mutual0 & (ms0 > threshold) & mask0
+    ok1 = mutual1 & ok0.gather(1, i1) & mask1
+    return dict(matches0=torch.where(ok0, i0, -1), matches1=torch.where(ok1, i1, -1),
+                matching_scores0=ms0 * mask0, matching_scores1=ms1 * mask1)
+
 # %% ../nbs/05_rerank.ipynb #b636f688
 class SuperGlue(nn.Module):
     "SuperGlue matcher with the official parameter names, config keys and outputs; masks for padded batches"
@@ -222,62 +250,37 @@ class SuperGlue(nn.Module):
         _load_weights(self, c['weights'], 'superglue')
         self.eval()
 
-# %% ../nbs/05_rerank.ipynb #36fece2f
-def _pad_to(t, n, dim, value=0):
-    if t.shape[dim] == n: return t
-    pad = [0, 0] * (t.dim() - dim - 1) + [0, n - t.shape[dim]]
-    return F.pad(t, pad, value=value)
-
-def _size_of(data, i, b, dev):
-    if f'size{i}' in data: return torch.as_tensor(data[f'size{i}'], device=dev).reshape(-1, 2).expand(b, 2)
-    h, w = data[f'image{i}'].shape[-2:]
-    return torch.tensor([[w, h]], device=dev).expand(b, 2)
-
-@torch.no_grad()
-def _sg_forward(self, data:dict):
-    "Match two batches of keypoints; official output keys"
-    c = self.config
-    kp0, kp1, d0, d1 = data['keypoints0'], data['keypoints1'], data['descriptors0'], data['descriptors1']
-    b, m, n, dev = kp0.shape[0], kp0.shape[1], kp1.shape[1], kp0.device
-    if m == 0 or n == 0:
-        return dict(matches0=kp0.new_full((b, m), -1, dtype=torch.long),
-                    matches1=kp1.new_full((b, n), -1, dtype=torch.long), matching_scores0=kp0.new_zeros(b, m),
-                    matching_scores1=kp1.new_zeros(b, n))
-    mask0 = data.get('mask0', torch.ones(b, m, dtype=torch.bool, device=dev))
-    mask1 = data.get('mask1', torch.ones(b, n, dtype=torch.bool, device=dev))
-    x0 = d0 + self.kenc(normalize_keypoints(kp0, _size_of(data, 0, b, dev)), data['scores0']).to(d0.dtype)
-    x1 = d1 + self.kenc(normalize_keypoints(kp1, _size_of(data, 1, b, dev)), data['scores1']).to(d1.dtype)
-    L = max(m, n)                                           # both images of every pair in one batch
-    x = torch.cat([_pad_to(x0, L, 2), _pad_to(x1, L, 2)])
-    mask = torch.cat([_pad_to(mask0, L, 1, False), _pad_to(mask1, L, 1, False)])
-    mask = mask | ~mask.any(1, keepdim=True)                 # an empty set attends to everything (masked later)
-    x = self.final_proj(self.gnn(x, None if bool(mask.all()) else mask))
-    md0, md1 = x[:b, :, :m].float(), x[b:, :, :n].float()
-    with torch.autocast(dev.type, enabled=False):           # fp32 scores: under fp16 autocast einsum would overflow
-        S = torch.einsum('bdn,bdm->bnm', md0, md1) / c['descriptor_dim']**.5
-        S = S.masked_fill(~(mask0[:, :, None] & mask1[:, None, :]), 0.)   # padding never turns into inf - inf
-        Z = log_optimal_transport(S, self.bin_score, c['sinkhorn_iterations'], mask0, mask1)
-        return _mutual_matches(Z[:, :-1, :-1], mask0, mask1, c['match_threshold'])
-SuperGlue.forward = _sg_forward
-
-def _mutual_matches(Z, mask0, mask1, threshold):
-    Z = Z.masked_fill(~(mask0[:, :, None] & mask1[:, None, :]), float('-inf'))
-    max0, max1 = Z.max(2), Z.max(1)
-    i0, i1 = max0.indices, max1.indices
-    mutual0 = torch.arange(Z.shape[1], device=Z.device)[None] == i1.gather(1, i0)
-    mutual1 = torch.arange(Z.shape[2], device=Z.device)[None] == i0.gather(1, i1)
-    ms0 = torch.where(mutual0, max0.values.exp(), Z.new_tensor(0.))
-    ms1 = torch.where(mutual1, ms0.gather(1, i1), Z.new_tensor(0.))
-    ok0 = mutual0 & (ms0 > threshold) & mask0
-    ok1 = mutual1 & ok0.gather(1, i1) & mask1
-    return dict(matches0=torch.where(ok0, i0, -1), matches1=torch.where(ok1, i1, -1),
-                matching_scores0=ms0 * mask0, matching_scores1=ms1 * mask1)
+    @torch.no_grad()
+    def forward(self, data:dict):
+        "Match two batches of keypoints; official output keys"
+        c = self.config
+        kp0, kp1, d0, d1 = data['keypoints0'], data['keypoints1'], data['descriptors0'], data['descriptors1']
+        b, m, n, dev = kp0.shape[0], kp0.shape[1], kp1.shape[1], kp0.device
+        if m == 0 or n == 0:
+            return dict(matches0=kp0.new_full((b, m), -1, dtype=torch.long),
+                        matches1=kp1.new_full((b, n), -1, dtype=torch.long), matching_scores0=kp0.new_zeros(b, m),
+                        matching_scores1=kp1.new_zeros(b, n))
+        mask0 = data.get('mask0', torch.ones(b, m, dtype=torch.bool, device=dev))
+        mask1 = data.get('mask1', torch.ones(b, n, dtype=torch.bool, device=dev))
+        x0 = d0 + self.kenc(normalize_keypoints(kp0, _size_of(data, 0, b, dev)), data['scores0']).to(d0.dtype)
+        x1 = d1 + self.kenc(normalize_keypoints(kp1, _size_of(data, 1, b, dev)), data['scores1']).to(d1.dtype)
+        L = max(m, n)                                           # both images of every pair in one batch
+        x = torch.cat([_pad_to(x0, L, 2), _pad_to(x1, L, 2)])
+        mask = torch.cat([_pad_to(mask0, L, 1, False), _pad_to(mask1, L, 1, False)])
+        mask = mask | ~mask.any(1, keepdim=True)                 # an empty set attends to everything (masked later)
+        x = self.final_proj(self.gnn(x, None if bool(mask.all()) else mask))
+        md0, md1 = x[:b, :, :m].float(), x[b:, :, :n].float()
+        with torch.autocast(dev.type, enabled=False):           # fp32 scores: under fp16 autocast einsum would overflow
+            S = torch.einsum('bdn,bdm->bnm', md0, md1) / c['descriptor_dim']**.5
+            S = S.masked_fill(~(mask0[:, :, None] & mask1[:, None, :]), 0.)   # padding never turns into inf - inf
+            Z = log_optimal_transport(S, self.bin_score, c['sinkhorn_iterations'], mask0, mask1)
+            return _mutual_matches(Z[:, :-1, :-1], mask0, mask1, c['match_threshold'])
 
 # %% ../nbs/05_rerank.ipynb #aefec330
 def load_gray(path,        # image file
               size=800     # longest side after resizing (None: original size)
              ):
-    "Grayscale uint8 image resized (bilinear) so its longest side is `size`, and the (sx, sy) factors back to original pixels"
+    "Grayscale uint8 image resized (bilinear) to longest side `size`, and the (sx, sy) factors back to original pixels"
     g = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
     if g is None: raise GLRError(f"{path}: not a readable image")
     h, w = g.shape
@@ -440,11 +443,13 @@ def _rows(self, table, keys):
 def _drop(self, table, bad):
     if not bad: return
     self.n_corrupt += len(bad)
-    self.log.warning(f"{self.path}: {len(bad)} corrupt {table} entr{'y' if len(bad) == 1 else 'ies'} (checksum); recomputing")
+    what = f"{len(bad)} corrupt {table} entr{'y' if len(bad) == 1 else 'ies'}"
+    self.log.warning(f"{self.path}: {what} (checksum); recomputing")
     self.db.executemany(f'DELETE FROM {table} WHERE key = ?', [(k,) for k in bad])
     self.db.commit()
 
-def _get_feats(self, keys)->dict:
+@patch
+def get_feats(self:FeatureCache, keys)->dict:
     "Features of the given keys that are present and intact (corrupt ones are deleted and counted)"
     good, bad = {}, []
     for k, blob, crc in _rows(self, 'feats', keys):
@@ -455,25 +460,27 @@ def _get_feats(self, keys)->dict:
     _drop(self, 'feats', bad)
     return good
 
-def _put_feats(self, feats:dict):
+@patch
+def put_feats(self:FeatureCache, feats:dict):
     "Store {key: feature dict} in one transaction"
     rows = [(k, b, _crc(b)) for k, b in ((k, _pack(f)) for k, f in feats.items())]
     with self.db: self.db.executemany('INSERT OR REPLACE INTO feats VALUES (?, ?, ?)', rows)
 
-def _get_pairs(self, keys)->dict:
+@patch
+def get_pairs(self:FeatureCache, keys)->dict:
     "Inlier counts of the given pair keys that are present and intact"
     good, bad = {}, []
-    for k, n, crc in _rows(self, 'pairs', keys): (good.__setitem__(k, int(n)) if _crc(k, n) == crc else bad.append(k))
+    for k, n, crc in _rows(self, 'pairs', keys):
+        if _crc(k, n) == crc: good[k] = int(n)
+        else: bad.append(k)
     _drop(self, 'pairs', bad)
     return good
 
-def _put_pairs(self, inliers:dict):
+@patch
+def put_pairs(self:FeatureCache, inliers:dict):
     "Store {pair key: inliers} in one transaction (in key order: the B-tree fills page by page)"
     rows = [(k, int(n), _crc(k, int(n))) for k, n in sorted(inliers.items())]
     with self.db: self.db.executemany('INSERT OR REPLACE INTO pairs VALUES (?, ?, ?)', rows)
-
-FeatureCache.get_feats, FeatureCache.put_feats = _get_feats, _put_feats
-FeatureCache.get_pairs, FeatureCache.put_pairs = _get_pairs, _put_pairs
 
 # %% ../nbs/05_rerank.ipynb #cd88de59
 def shard_path(cache, rank:int)->Path:
@@ -511,12 +518,19 @@ class _Layered:
         self.own.close()
 
 # %% ../nbs/05_rerank.ipynb #91a79507
+def _refuse_unknown(cls, kw:dict):
+    "`GLRError` naming the keyword arguments that `cls` does not take"
+    if not kw: return
+    known = [p for p in inspect.signature(cls.__init__).parameters if p not in ('self', 'kw')]
+    raise GLRError(f"{cls.__name__}: unknown setting(s) {', '.join(sorted(kw))}; known: {', '.join(known)}")
+
 class SiftMatcher:
     "OpenCV SIFT + RootSIFT, mutual nearest neighbours with Lowe's ratio test"
     def __init__(self, size=800,           # longest image side
                  max_keypoints=2000,       # strongest SIFT keypoints kept
                  ratio=0.8,                # ratio test threshold
-                 **kw):
+                 **kw):                    # anything else: `GLRError`
+        _refuse_unknown(SiftMatcher, kw)
         self.size, self.max_keypoints, self.ratio = size, max_keypoints, ratio
         self.extract_key = f'sift-s{size}-k{max_keypoints}-cv2gray'
         self.match_key = f'{self.extract_key}-r{ratio}'
@@ -535,23 +549,31 @@ class SuperGlueMatcher:
     def __init__(self, superpoint=None,        # path of superpoint_v1.pth
                  superglue=None,               # path of superglue_outdoor.pth (or indoor)
                  size=800,                     # longest image side
-                 max_keypoints=1024, nms_radius=4, keypoint_threshold=0.005, remove_borders=4,
-                 sinkhorn_iterations=20, match_threshold=0.2,
+                 max_keypoints=1024,           # SuperPoint: strongest keypoints kept
+                 nms_radius=4,                 # SuperPoint: non-maximum suppression radius (pixels)
+                 keypoint_threshold=0.005,     # SuperPoint: minimum keypoint score
+                 remove_borders=4,             # SuperPoint: keypoints this close to the border are dropped
+                 sinkhorn_iterations=20,       # SuperGlue: optimal-transport iterations
+                 match_threshold=0.2,          # SuperGlue: minimum match probability
                  device=None,                  # default: cuda if available
                  fp16=None,                    # autocast fp16 (default: on GPU)
                  batch_size=32,                # images per SuperPoint batch and pairs per SuperGlue batch
                  random_weights=False,         # allow missing weight files (tests, benchmarks)
-                 seed=0, **kw):
+                 seed=0,                       # seed of the random weights
+                 **kw):                        # anything else: `GLRError`
+        _refuse_unknown(SuperGlueMatcher, kw)
         if (superpoint is None or superglue is None) and not random_weights:
-            raise GLRError("matcher='superglue' needs superpoint=<superpoint_v1.pth> and superglue=<superglue_outdoor.pth> "
-                           "(from github.com/magicleap/SuperGluePretrainedNetwork); or use matcher='sift'")
+            raise GLRError("matcher='superglue' needs superpoint=<superpoint_v1.pth> and "
+                           "superglue=<superglue_outdoor.pth> (from github.com/magicleap/SuperGluePretrainedNetwork); "
+                           "or use matcher='sift'")
         self.device = torch.device(device) if device else default_device()
         self.fp16 = self.device.type == 'cuda' if fp16 is None else fp16
         self.size, self.bs = size, batch_size
         torch.manual_seed(seed)
         self.sp = SuperPoint(max_keypoints=max_keypoints, nms_radius=nms_radius, keypoint_threshold=keypoint_threshold,
                              remove_borders=remove_borders, weights=superpoint).to(self.device)
-        self.sg = SuperGlue(sinkhorn_iterations=sinkhorn_iterations, match_threshold=match_threshold, weights=superglue).to(self.device)
+        self.sg = SuperGlue(sinkhorn_iterations=sinkhorn_iterations, match_threshold=match_threshold,
+                            weights=superglue).to(self.device)
         if self.device.type == 'cuda': self.sp = self.sp.to(memory_format=torch.channels_last)
         w0 = _digest(superpoint) if superpoint else f'rand{seed}'
         w1 = _digest(superglue) if superglue else f'rand{seed}'
@@ -562,8 +584,9 @@ class SuperGlueMatcher:
     def _autocast(self): return torch.autocast(self.device.type, dtype=torch.float16, enabled=self.fp16)
 
 # %% ../nbs/05_rerank.ipynb #ed060da4
+@patch
 @torch.no_grad()
-def _sgm_extract(self, imgs:list)->list:
+def extract(self:SuperGlueMatcher, imgs:list)->list:
     "SuperPoint features of grayscale uint8 images, batched by shape"
     out = [None] * len(imgs)
     groups = {}
@@ -577,14 +600,16 @@ def _sgm_extract(self, imgs:list)->list:
             for i, k, s, d in zip(ii, r['keypoints'], r['scores'], r['descriptors']):
                 out[i] = dict(kp=k.cpu().numpy(), scores=s.float().cpu().numpy(), desc=d.T.half().cpu().numpy())
     return out
-SuperGlueMatcher.extract = _sgm_extract
 
 # %% ../nbs/05_rerank.ipynb #afd7eafa
 def _stack_pad(arrs, n, dev):
-    return torch.stack([F.pad(torch.from_numpy(np.asarray(a)), (0, 0)*(np.ndim(a)-1) + (0, n - len(a))) for a in arrs]).to(dev)
+    "Arrays padded with zeros to length `n` along their first axis, stacked into one tensor on `dev`"
+    pad = lambda a: F.pad(torch.from_numpy(np.asarray(a)), (0, 0)*(np.ndim(a)-1) + (0, n - len(a)))
+    return torch.stack([pad(a) for a in arrs]).to(dev)
 
+@patch
 @torch.no_grad()
-def _sgm_match(self, fpairs:list)->list:
+def match(self:SuperGlueMatcher, fpairs:list)->list:
     "SuperGlue matches [K,2] for feature pairs, in padded batches"
     out = [np.zeros((0, 2), np.int64)] * len(fpairs)
     todo = [i for i, (a, b) in enumerate(fpairs) if len(a['kp']) and len(b['kp'])]
@@ -607,15 +632,18 @@ def _sgm_match(self, fpairs:list)->list:
             k = np.flatnonzero(m > -1)
             out[i] = np.stack([k, m[k]], 1)
     return out
-SuperGlueMatcher.match = _sgm_match
 
 # %% ../nbs/05_rerank.ipynb #5a1d44a1
 def make_matcher(matcher='sift', # 'sift', 'superglue', or 'auto' (superglue when both weight files are given)
-                 **config):      # the matcher's settings (`SiftMatcher`, `SuperGlueMatcher`)
+                 **config):      # the matcher's settings (`SiftMatcher`, `SuperGlueMatcher`; unknown ones: `GLRError`)
     "Build a matcher by name"
     if not isinstance(matcher, str): return matcher
     if matcher == 'auto': matcher = 'superglue' if config.get('superpoint') and config.get('superglue') else 'sift'
-    if matcher == 'sift': return SiftMatcher(**config)
+    if matcher == 'sift':
+        if config.get('superpoint') or config.get('superglue'):
+            raise GLRError("matcher='sift' takes no weight files: drop superpoint=/superglue= or use 'superglue'")
+        config = {k: v for k, v in config.items() if k not in ('superpoint', 'superglue', 'device')}   # runs on CPU
+        return SiftMatcher(**config)
     if matcher == 'superglue': return SuperGlueMatcher(**config)
     raise GLRError(f"matcher={matcher!r}: use 'sift', 'superglue' or 'auto'")
 
@@ -750,7 +778,7 @@ def _progress(it, on):
 
 def _submit(pts, pool, rkw):
     if pool is None: return [np.array(_ransac_chunk((pts, rkw)), np.int64)]
-    step = max(1, min(64, -(-len(pts) // (2 * getattr(pool, '_max_workers', 8)))))   # every worker busy, even on a small chunk
+    step = max(1, min(64, -(-len(pts) // (2 * getattr(pool, '_max_workers', 8)))))   # keep every worker busy
     return [pool.submit(_ransac_chunk, (pts[i:i+step], rkw)) for i in range(0, len(pts), step)]
 
 def _finish(pending, out, pkey, db):
@@ -912,8 +940,8 @@ def _agreement(m16, m32, imgs, seed=0)->dict:
     "How far fp16 SuperPoint/SuperGlue (`m16`) is from fp32 (`m32`): keypoints on real images, matches on planted pairs"
     g = [load_gray(p, m32.size)[0] for p in imgs]
     f16, f32 = m16.extract(g), m32.extract(g)
-    near = [np.mean(np.abs(a['kp'][:, None] - b['kp'][None]).max(-1).min(1) <= 1) if len(a['kp']) and len(b['kp']) else 1.
-            for a, b in zip(f16, f32)]
+    within = lambda a, b: np.mean(np.abs(a[:, None] - b[None]).max(-1).min(1) <= 1) if len(a) and len(b) else 1.
+    near = [within(a['kp'], b['kp']) for a, b in zip(f16, f32)]
     rng = np.random.default_rng(seed)
     for f, im in zip(f32, g): f['size'] = np.array(im.shape[::-1])
     pairs = [(f, _planted(f, rng)) for f in f32 if len(f['kp']) >= 8]
@@ -947,7 +975,7 @@ def bench_rerank(n_queries=8,        # queries
     with tempfile.TemporaryDirectory() as d:
         imgs = _bench_images(d, n_queries + n_db, max(size, 64), seed)
         rng = np.random.default_rng(seed)
-        same = lambda q: [j for j in range(n_db) if (n_queries + j) % 5 == q % 5][:1]    # a view of the same photo, if any
+        same = lambda q: [j for j in range(n_db) if (n_queries + j) % 5 == q % 5][:1]    # a view of the same photo
         nb_of = lambda q: same(q) + [j for j in rng.permutation(n_db) if j not in same(q)][:n_neighbours - len(same(q))]
         qs = {imgs[q]: [imgs[n_queries + j] for j in nb_of(q)] for q in range(n_queries)}
         pairs = [(q, n) for q, nbs in qs.items() for n in nbs]
@@ -955,7 +983,8 @@ def bench_rerank(n_queries=8,        # queries
                    random_weights=True, seed=seed)
         cfg['match_threshold'] = 0.2 if superglue else 0.                     # random weights: keep every mutual match
         mk = lambda **kw: SuperGlueMatcher(device=dev, **cfg, **kw)
-        common = dict(size=size, max_keypoints=max_keypoints, pairs=len(pairs), unique_images=len({p for ab in pairs for p in ab}))
+        common = dict(size=size, max_keypoints=max_keypoints, pairs=len(pairs),
+                      unique_images=len({p for ab in pairs for p in ab}))
         ours = mk(batch_size=batch_size)
         if reference:
             ref = mk(fp16=False)

@@ -61,7 +61,7 @@ def test_demo_split_reference_rule(demo):
     absent = set(tr.id[~tr.landmark_id.isin(tc.landmark_id)])
     assert set(gal.id) <= absent and set(q.id[q.landmark_id < 0]) <= absent   # the pool: landmarks outside train_clean
     meta = json.loads((d/'demo_meta.json').read_text())['nonlandmark_kinds']
-    assert {meta[i] for i in gal.id} == {'noise', 'indoor', 'face', 'photo', 'facade'}   # looks like non-landmark queries
+    assert {meta[i] for i in gal.id} == {'noise', 'indoor', 'face', 'photo', 'facade'}   # like non-landmark queries
 
 
 def test_demo_split_no_leakage(demo):

@@ -1,4 +1,4 @@
-"A real kill (SIGKILL) in the middle of `cached_extract`: the rerun redoes only the unfinished chunks and matches a clean run."
+"A real kill (SIGKILL) in the middle of `cached_extract`: the rerun redoes only unfinished chunks, as a clean run."
 import os, signal, subprocess, sys, time, textwrap
 from pathlib import Path
 import numpy as np
@@ -11,7 +11,8 @@ SCRIPT = textwrap.dedent('''
 
     class Net(nn.Module):
         def __init__(self):
-            super().__init__(); torch.manual_seed(0)
+            super().__init__()
+            torch.manual_seed(0)
             self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 8))
         def extract_feature(self, x): return self.body(x)
 

@@ -328,7 +328,7 @@ def test_exif_and_16_bit_photographs(tmp_path):
     from glr_nb.rerank import load_gray
     photo = skimage.data.coffee()                                  # 400 x 600
     exif = Image.Exif()
-    exif[0x0112] = 8                                               # orientation 8: turn 90 degrees anticlockwise to view
+    exif[0x0112] = 8                                               # orientation 8: turn 90 degrees anticlockwise
     Image.fromarray(photo).transpose(Image.Transpose.ROTATE_270).save(tmp_path/'s.jpg', exif=exif, quality=95)
     up = np.asarray(load_image(tmp_path/'s.jpg'), np.float32)
     assert up.shape == photo.shape and np.abs(up - photo).mean() < 4

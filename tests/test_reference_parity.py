@@ -23,8 +23,9 @@ from glr_nb.data import validation_set, nonlandmark_pool
 ROOT = Path(__file__).resolve().parents[1]
 REF = Path(os.environ.get('GLR_REFERENCE') or ROOT.parent/'shared'/'seed'/'reference')
 NB = REF/'generate_submissions.ipynb'
-pytestmark = pytest.mark.skipif(not NB.is_file(), reason=f"reference not found at {REF}: set GLR_REFERENCE to the folder "
-                                                         "holding generate_submissions.ipynb and src/")
+pytestmark = pytest.mark.skipif(not NB.is_file(),
+                                reason=f"reference not found at {REF}: set GLR_REFERENCE to the folder "
+                                       "holding generate_submissions.ipynb and src/")
 
 
 @functools.lru_cache(None)
@@ -38,13 +39,14 @@ def _defs():
         except SyntaxError: continue
         for n in tree.body:
             if isinstance(n, ast.FunctionDef): out.setdefault(n.name, ast.get_source_segment(src, n))
-            elif isinstance(n, ast.Assign) and isinstance(n.value, ast.Constant) and all(isinstance(t, ast.Name) and t.id.isupper() for t in n.targets):
+            elif (isinstance(n, ast.Assign) and isinstance(n.value, ast.Constant)
+                  and all(isinstance(t, ast.Name) and t.id.isupper() for t in n.targets)):
                 consts.append(ast.get_source_segment(src, n))
     return out, tuple(consts)
 
 
 class _LGB:
-    "The reference's LightGBM 3 call `lgb.train(..., early_stopping_rounds=, verbose_eval=, evals_result=)` on LightGBM 4"
+    "The reference's LightGBM 3 call `lgb.train(..., early_stopping_rounds=, verbose_eval=, evals_result=)`, on LGBM 4"
     Dataset = lgb.Dataset
     @staticmethod
     def train(params, train_set, valid_sets=None, valid_names=None, evals_result=None, num_boost_round=100,
@@ -66,7 +68,7 @@ def ref(*names, **extra):
 
 @contextlib.contextmanager
 def _pandas1():
-    "pandas 1's string handling (object columns; `astype(str)` gives 'nan'), which the reference's code relies on; quiet"
+    "pandas 1's string handling (object columns; `astype(str)` gives 'nan'), which the reference relies on; quiet"
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         with pd.option_context('future.infer_string', False): yield
@@ -117,7 +119,8 @@ def test_rerank_score_is_get_total_score():
     R, rng = ref('get_total_score'), np.random.default_rng(2)
     n, g = rng.integers(0, 200, 1000), rng.uniform(-.2, 1, 1000)
     assert rerank_score(0., n, 70).tolist() == [R['get_total_score'](int(a), 0.) for a in n]
-    assert rerank_score(g, n, 90).tolist() == [R['get_total_score'](int(a), b, weight=1.0, max_inlier_score=90) for a, b in zip(n, g)]
+    want = [R['get_total_score'](int(a), b, weight=1.0, max_inlier_score=90) for a, b in zip(n, g)]
+    assert rerank_score(g, n, 90).tolist() == want
 
 
 def _features_and_matches(rng, ids, n_kp=60):
@@ -179,8 +182,9 @@ def test_rerank_lists_are_rescore_and_rerank_by_num_inliers():
         inl = np.array([inl])
         m0_cl = CandList(idx[None], (idx % 4)[None], g[None])
         ransac, rr = rerank_lists(m0_cl, m0_cl, inl, inl)
+        feat_of = lambda i: feats[q] if i == q else feats[(q, i)]
         R['rescore_and_rerank_by_num_inliers'].__globals__['load_cached_keypoints'] = lambda d, i: {
-            'keypoints': (feats[q] if i == q else feats[(q, i)])['kp'], 'scales': tuple((feats[q] if i == q else feats[(q, i)])['scale'])}
+            'keypoints': feat_of(i)['kp'], 'scales': tuple(feat_of(i)['scale'])}
         want_local = R['rescore_and_rerank_by_num_inliers'](args, 't', 'i', q, copy.deepcopy(lst),
                                                             ignore_global_score=True, do_sort=False)
         want = R['rescore_and_rerank_by_num_inliers'](args, 't', 'i', q, copy.deepcopy(lst), ignore_global_score=False,
@@ -192,7 +196,8 @@ def test_rerank_lists_are_rescore_and_rerank_by_num_inliers():
 
 def _reference_lists(syn, ids):
     "The synthetic lists in the reference's formats: numpy string arrays of (id, label, score) tuples"
-    arr = lambda cl, label, score: np.array([[(ids[0], label(l), score(s)) for l, s in zip(L, S)] for L, S in zip(cl.label, cl.score)])
+    arr = lambda cl, label, score: np.array([[(ids[0], label(l), score(s)) for l, s in zip(L, S)]
+                                             for L, S in zip(cl.label, cl.score)])
     en = arr(syn['merged'], int, float)
     lists = [arr(syn['lists'][m], str, np.float32) for m in syn['lists']]
     nl = [arr(syn['nl_lists'][m], int, np.float32) for m in syn['nl_lists']]
@@ -235,7 +240,7 @@ def test_stacker_is_do_lgbm(tmp_path):
              'save_model', 'do_metric', 'GAP_vector', 'do_lgbm')
     R = ref(*names, RESULT_DIR=str(tmp_path))
     base = R['get_lgb_params']
-    fast = dict(num_threads=1, num_boost_round=80, early_stopping_rounds=20)   # the same overrides on both sides, for time
+    fast = dict(num_threads=1, num_boost_round=80, early_stopping_rounds=20)   # same overrides on both sides (time)
     R['get_lgb_params'] = lambda num_class=5: {**base(num_class), **fast}
     syn = make_synthetic_stack(600, n_labels=40, n_models=2, seed=5)
     ids = [f'{j:016x}' for j in range(600)]
@@ -243,8 +248,8 @@ def test_stacker_is_do_lgbm(tmp_path):
     test_df = pd.DataFrame({'id': ids, 'landmarks': _truth_column(syn['truth'])})
     args = Namespace(kaggle=0, out_dir='t', top_k=3, num_to_rerank=10, valid_num=600, do_train=1, do_valid=1, do_test=0)
     with _pandas1():
-        probs, got_ids, labels = R['do_lgbm'](args, test_df, en.tolist(), [l.tolist() for l in lists], [n.tolist() for n in nl],
-                                               [ransac.tolist()] + [None] * (len(lists) - 1))
+        probs, got_ids, labels = R['do_lgbm'](args, test_df, en.tolist(), [l.tolist() for l in lists],
+                                               [n.tolist() for n in nl], [ransac.tolist()] + [None] * (len(lists) - 1))
         want = R['get_lgbm_prediction_map'](probs, got_ids, labels, topk=3, show=False)
     f, lab = stack_features(syn['merged'], syn['lists'], syn['nl_lists'], syn['ransac'], ids)
     st = train_stacker(f, lab, syn['truth'], params=fast)
@@ -272,16 +277,18 @@ def test_gap_vector_is_gap_vector_and_our_gap():
     want = R['GAP_vector'](pred, conf, true)
     assert gap_vector(pred, conf, true) == want
     sol = {i: ([] if np.isnan(t) else [int(t)]) for i, t in enumerate(true)}
-    assert abs(global_average_precision({i: (int(p), c) for i, (p, c) in enumerate(zip(pred, conf))}, sol) - want) < 1e-12
+    preds = {i: (int(p), c) for i, (p, c) in enumerate(zip(pred, conf))}
+    assert abs(global_average_precision(preds, sol) - want) < 1e-12
     assert (_first_true([[3], [], [5, 6]])[[0, 2]] == [3, 5]).all() and np.isnan(_first_true([[]])[0])
 
 
 def test_ensemble_is_norm_of_weighted_concat():
     R, rng = ref('norm'), np.random.default_rng(7)
-    embs = {m: (lambda x: x / np.linalg.norm(x, axis=1, keepdims=True))(rng.standard_normal((50, 16)).astype(np.float32)) for m in 'abcd'}
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
+    embs = {m: unit(rng.standard_normal((50, 16)).astype(np.float32)) for m in 'abcd'}
     w = dict(a=.6, b=.2, c=.1, d=.1)
     want = R['norm'](np.concatenate([embs[m] * w[m] for m in 'abcd'], axis=1))
-    np.testing.assert_allclose(ensemble(embs, w).astype(np.float32), want, atol=1e-3)          # ours is stored in float16
+    np.testing.assert_allclose(ensemble(embs, w).astype(np.float32), want, atol=1e-3)   # ours is stored in float16
 
 
 def test_load_gray_is_read_image(tmp_path):
@@ -324,7 +331,8 @@ def _gld(rng, d):
     n_sol = 700
     lm = np.where(rng.random(n_sol) < .08, (1000 + 3*rng.integers(0, n_cls, n_sol)).astype(str), '')
     lm[:6] = ['1003 1006', '99', '1003', '5', '1009 1012', '1030']             # multi-landmark and non-v2c rows too
-    sol = pd.DataFrame(dict(id=[h(3*10**6 + i) for i in range(n_sol)], landmarks=lm, Usage=rng.choice(['Public', 'Private', 'Ignored'], n_sol)))
+    usage = rng.choice(['Public', 'Private', 'Ignored'], n_sol)
+    sol = pd.DataFrame(dict(id=[h(3*10**6 + i) for i in range(n_sol)], landmarks=lm, Usage=usage))
     for sub in ('raw', 'split/v2c', 'split/v2xc', 'input'): (d/sub).mkdir(parents=True, exist_ok=True)
     sol.to_csv(d/'raw'/'recognition_solution_v2.1.csv', index=False)
     t20.to_csv(d/'split'/'train2020.csv', index=False)

@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np, pytest, torch, torch.nn.functional as F
 import skimage.data
 from PIL import Image
+from glr_nb.core import GLRError
 from glr_nb.rerank import (SuperPoint, SuperGlue, FeatureCache, SuperGlueMatcher, verify_pairs, load_gray)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,9 +49,10 @@ def test_official_layout_file_loads_strict_weights_only(tmp_path):
 
 # ---- SuperPoint: the official post-processing re-stated literally, one image at a time -----------------------
 def _ref_superpoint(sp, x, c):
-    "Official algorithm: softmax over 65, drop dustbin, pixel shuffle, max-pool NMS, threshold, borders, top-k, sampling"
+    "The official algorithm: softmax over 65, drop dustbin, pixel shuffle, max-pool NMS, threshold, borders, top-k"
     feat = x
-    for a, b, pool in [('conv1a', 'conv1b', 1), ('conv2a', 'conv2b', 1), ('conv3a', 'conv3b', 1), ('conv4a', 'conv4b', 0)]:
+    blocks = [('conv1a', 'conv1b', 1), ('conv2a', 'conv2b', 1), ('conv3a', 'conv3b', 1), ('conv4a', 'conv4b', 0)]
+    for a, b, pool in blocks:
         feat = F.relu(getattr(sp, b)(F.relu(getattr(sp, a)(feat))))
         if pool: feat = F.max_pool2d(feat, 2, 2)
     prob = F.softmax(sp.convPb(F.relu(sp.convPa(feat))), 1)[:, :-1]
@@ -162,12 +164,12 @@ def test_superglue_batched_equals_one_by_one_and_the_reference():
         assert torch.allclose(s['matching_scores0'], ref_s0, atol=1e-5)
     M = max(p['keypoints0'].shape[1] for p in pairs)
     N = max(p['keypoints1'].shape[1] for p in pairs)
-    pad = lambda t, L: F.pad(t, (0, 0) * (t.dim() - 2) + (0, L - t.shape[1])) if t.dim() >= 2 else t
     batch = {}
-    for s, L in (('0', M), ('1', N)):
-        batch[f'keypoints{s}'] = torch.cat([F.pad(p[f'keypoints{s}'], (0, 0, 0, L - p[f'keypoints{s}'].shape[1]), value=3.) for p in pairs])
-        batch[f'scores{s}'] = torch.cat([F.pad(p[f'scores{s}'], (0, L - p[f'scores{s}'].shape[1]), value=.5) for p in pairs])
-        batch[f'descriptors{s}'] = torch.cat([F.pad(p[f'descriptors{s}'], (0, L - p[f'descriptors{s}'].shape[2]), value=1.) for p in pairs])
+    for s, L in (('0', M), ('1', N)):                                        # garbage values in the padding
+        kp, sc, de = f'keypoints{s}', f'scores{s}', f'descriptors{s}'
+        batch[kp] = torch.cat([F.pad(p[kp], (0, 0, 0, L - p[kp].shape[1]), value=3.) for p in pairs])
+        batch[sc] = torch.cat([F.pad(p[sc], (0, L - p[sc].shape[1]), value=.5) for p in pairs])
+        batch[de] = torch.cat([F.pad(p[de], (0, L - p[de].shape[2]), value=1.) for p in pairs])
         batch[f'mask{s}'] = torch.stack([torch.arange(L) < p[f'keypoints{s}'].shape[1] for p in pairs])
         batch[f'size{s}'] = torch.tensor([[p[f'image{s}'].shape[3], p[f'image{s}'].shape[2]] for p in pairs])
     out = sg(batch)
@@ -205,17 +207,28 @@ def test_verify_pairs_superglue_batch_sizes_and_pool_agree(tmp_path):
     s2 = verify_pairs(pairs * 3, 'sift', size=256, workers=2, min_pool=1)      # RANSAC in the process pool
     assert (s1 == s2).all() and s1[0] > 30 and s1[1] < 15
 
+def test_verify_pairs_refuses_a_misspelt_matcher_setting(tmp_path):
+    "A misspelt setting stops `verify_pairs` with a `GLRError` naming it, before any image is read"
+    cases = [('sift', dict(max_keypoint=500), 'max_keypoint'), ('auto', dict(ratoi=.7), 'ratoi'),
+             ('superglue', dict(random_weights=True, device='cpu', nms=3), 'nms')]
+    for matcher, kw, bad in cases:
+        with pytest.raises(GLRError, match=rf"unknown setting\(s\) {bad};"):
+            verify_pairs([(tmp_path/'a.jpg', tmp_path/'b.jpg')], matcher, **kw)
+
 # ---- caches ------------------------------------------------------------------------------------------------
 WRITER = textwrap.dedent('''
     import sys, time, numpy as np
     from glr_nb.rerank import FeatureCache
     c = FeatureCache(sys.argv[1])
     for b in range(1000):
-        c.put_feats({f'img{b}_{i}': dict(kp=np.full((50, 2), b, np.float32), desc=np.ones((50, 256), np.float16)) for i in range(10)})
+        f = dict(kp=np.full((50, 2), b, np.float32), desc=np.ones((50, 256), np.float16))
+        c.put_feats({f'img{b}_{i}': f for i in range(10)})
         print('committed', b, flush=True)
         if b == 2:                               # open a transaction that will never be committed, then die in it
-            c.db.execute('BEGIN'); c.db.execute("INSERT INTO feats VALUES ('ghost', x'00', 0)")
-            print('in transaction', flush=True); time.sleep(60)
+            c.db.execute('BEGIN')
+            c.db.execute("INSERT INTO feats VALUES ('ghost', x'00', 0)")
+            print('in transaction', flush=True)
+            time.sleep(60)
 ''')
 
 def test_cache_survives_a_kill_and_detects_corruption(tmp_path):
