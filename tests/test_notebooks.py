@@ -15,6 +15,7 @@ def test_kernelspec_python3(nb):
 
 def test_python3_kernel_installed():
     "The python3 kernel the notebooks name is installed for this interpreter"
-    r = subprocess.run([sys.executable, '-m', 'jupyter', 'kernelspec', 'list', '--json'], capture_output=True, text=True)
+    cmd = [sys.executable, '-m', 'jupyter', 'kernelspec', 'list', '--json']
+    r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert 'python3' in json.loads(r.stdout)['kernelspecs']

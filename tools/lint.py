@@ -22,7 +22,8 @@ def ruff_findings()->list:
     cmd = [sys.executable, '-m', 'ruff', 'check', '--select', RULES, '--line-length', '120', '--output-format', 'json',
            '--exclude', 'glr_nb/_modidx.py', *PATHS]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if r.returncode not in (0, 1): sys.exit(f"ruff failed: {r.stderr.strip()}")
+    if r.returncode not in (0, 1) or (r.returncode == 1 and not r.stdout.strip()):
+        sys.exit(f"ruff failed ({sys.executable} -m ruff): {r.stderr.strip()[-500:]}")
     out = []
     for f in json.loads(r.stdout or '[]'):
         p, ln = Path(f['filename']), f['location']['row']
