@@ -283,11 +283,13 @@ def store_embeddings(path,       # cache file `.../<name>.npy`
 
 # %% ../nbs/04_retrieval.ipynb #bfff6f54
 def checkpoint_key(ckpt, img_size:int)->dict:
-    "Cache key of a checkpoint file at an image size: file digest, epoch, image size"
+    "Cache key of a checkpoint file at an image size: file digest, epoch, image size (+ preprocessing when it is 0)"
     from glr_nb.core import load_checkpoint
     c = load_checkpoint(ckpt)
-    return dict(digest=file_digest(ckpt), epoch=float(c.get('epoch', -1)), img_size=int(img_size),
-                arch=str(c.get('arch', '')))
+    key = dict(digest=file_digest(ckpt), epoch=float(c.get('epoch', -1)), img_size=int(img_size),
+               arch=str(c.get('arch', '')))
+    if int(c.get('preprocessing', 1)) == 0: key['preprocessing'] = 0     # trained on pixels / 255
+    return key
 
 def check_unreadable(bad,              # rows whose images cannot be read
                      names,            # every row's file (or id), for the message
@@ -311,6 +313,9 @@ def embed_checkpoint(ckpt, data, ids, cache_dir, name:str, img_size=800, bs=32, 
     files = None if isinstance(data, Dataset) else [str(p) for p in data]
     stamps = None if files is None else file_stamps(files)
     if stamps is not None: check_unreadable(np.flatnonzero(stamps[:, 0] < 0), files, max_bad_frac, f'{name} (missing)')
+    if files is not None and key.get('preprocessing') == 0:    # embed the way the model was trained: /255 only
+        from glr_nb.images import ImageDataset
+        data = ImageDataset(files, size=img_size, norm=False)
     r = load_embeddings(path, key, ids, missing_ok=True, stamps=stamps)
     if r is None:
         from glr_nb.models import load_model
