@@ -187,6 +187,12 @@ class SubmitSettings(core.Settings):
     min_child_samples: int = 100  # LightGBM min_child_samples (tiny validation sets need fewer)
     stack_threads: int = 8        # LightGBM threads
 
+    def __post_init__(self):
+        super().__post_init__()
+        if self.top_k > self.k: raise GLRError(f"top_k = {self.top_k} is more than k = {self.k}: use top_k <= k")
+        if self.stack_best > self.stack_models:
+            raise GLRError(f"stack_best = {self.stack_best} is more than stack_models = {self.stack_models}")
+
 # %% ../nbs/08_submit.ipynb #c6411f51
 def _pack(d:dict, pre='')->dict:
     "Flatten nested dicts of CandLists / arrays into {'a.b.idx': array}"
