@@ -585,7 +585,6 @@ class SuperGlueMatcher:
 
 # %% ../nbs/05_rerank.ipynb #ed060da4
 @patch
-@torch.no_grad()
 def extract(self:SuperGlueMatcher, imgs:list)->list:
     "SuperPoint features of grayscale uint8 images, batched by shape"
     out = [None] * len(imgs)
@@ -596,7 +595,7 @@ def extract(self:SuperGlueMatcher, imgs:list)->list:
             ii = idx[j:j+self.bs]
             x = torch.from_numpy(np.stack([imgs[i] for i in ii]))[:, None].to(self.device).float().div_(255)
             if self.device.type == 'cuda': x = x.contiguous(memory_format=torch.channels_last)
-            with self._autocast(): r = self.sp({'image': x})
+            with torch.no_grad(), self._autocast(): r = self.sp({'image': x})
             for i, k, s, d in zip(ii, r['keypoints'], r['scores'], r['descriptors']):
                 out[i] = dict(kp=k.cpu().numpy(), scores=s.float().cpu().numpy(), desc=d.T.half().cpu().numpy())
     return out
@@ -608,7 +607,6 @@ def _stack_pad(arrs, n, dev):
     return torch.stack([pad(a) for a in arrs]).to(dev)
 
 @patch
-@torch.no_grad()
 def match(self:SuperGlueMatcher, fpairs:list)->list:
     "SuperGlue matches [K,2] for feature pairs, in padded batches"
     out = [np.zeros((0, 2), np.int64)] * len(fpairs)
@@ -627,7 +625,7 @@ def match(self:SuperGlueMatcher, fpairs:list)->list:
             data[f'descriptors{s}'] = d if self.fp16 else d.float()
             data[f'mask{s}'] = _stack_pad([np.ones(len(f['kp']), bool) for f in fs], n, dev)
             data[f'size{s}'] = torch.tensor(np.stack([f['size'] for f in fs]), device=dev)
-        with self._autocast(): m0 = self.sg(data)['matches0'].cpu().numpy()
+        with torch.no_grad(), self._autocast(): m0 = self.sg(data)['matches0'].cpu().numpy()
         for i, m in zip(ii, m0):
             k = np.flatnonzero(m > -1)
             out[i] = np.stack([k, m[k]], 1)
