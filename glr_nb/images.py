@@ -25,15 +25,24 @@ BAD_LABEL = -100  # label of a sample whose image is missing or corrupt (extract
 def load_image(path,             # JPEG (or any PIL-readable) file
                size=None,        # target square size: decode at the smallest JPEG scale covering it
                keep_aspect=False):  # target is the long side only
-    "Open an image as upright RGB PIL (EXIF orientation applied, 16 bits scaled to 8), JPEG-decoded small when it can"
+    "Open an image as upright RGB PIL (EXIF applied, 16 bits scaled to 8, transparency over white), decoded small"
     im = Image.open(path)
     if size is not None and im.format == 'JPEG':
         w, h = im.size
         s = size/max(w, h) if keep_aspect else size/min(w, h)
         im.draft('RGB', (math.ceil(w*s), math.ceil(h*s)))    # the short and long sides do not change when turned
-    im = ImageOps.exif_transpose(im)
-    if im.mode.startswith('I'):                     # 16-bit grey (PIL mode I;16 or I): 0..65535 -> 0..255
+    return _rgb(ImageOps.exif_transpose(im))
+
+def _rgb(im:Image.Image)->Image.Image:
+    "RGB of any PIL mode: 16-bit grey 0..65535 -> 0..255, float min..max -> 0..255, transparency over white"
+    if im.mode.startswith('I'):
         im = Image.fromarray(np.round(np.asarray(im, np.float64) / 257).clip(0, 255).astype(np.uint8))
+    elif im.mode == 'F':
+        a = np.asarray(im, np.float32)
+        im = Image.fromarray((255 * (a - a.min()) / max(float(a.max() - a.min()), 1e-12)).astype(np.uint8))
+    if im.mode in ('RGBA', 'LA', 'PA') or 'transparency' in im.info:
+        im = im.convert('RGBA')
+        return Image.alpha_composite(Image.new('RGBA', im.size, 'white'), im).convert('RGB')
     return im.convert('RGB')
 
 # %% ../nbs/01c_images.ipynb #89bb0666

@@ -359,25 +359,13 @@ def find_photos(specs:list)->tuple:
         files += hits
     return list(dict.fromkeys(files)), problems
 
-# %% ../nbs/11_predict.ipynb #50a17589
-def _rgb(im:Image.Image)->Image.Image:
-    "RGB of any PIL mode: transparency composed over white, 16-bit and float images scaled to 8 bits"
-    if im.mode in ('I', 'I;16', 'I;16B', 'I;16L', 'F'):
-        a = np.asarray(im, np.float32)
-        im = Image.fromarray((255 * (a - a.min()) / max(float(a.max() - a.min()), 1e-12)).astype(np.uint8))
-    if im.mode in ('RGBA', 'LA', 'PA') or 'transparency' in im.info:
-        im = im.convert('RGBA')
-        return Image.alpha_composite(Image.new('RGBA', im.size, 'white'), im).convert('RGB')
-    return im.convert('RGB')
-
 # %% ../nbs/11_predict.ipynb #2c715d33
 def _decode(p, max_side:int)->Image.Image:
     "Open `p` upright and RGB, decoding a JPEG at the smallest scale that covers `max_side`"
     with warnings.catch_warnings():
         warnings.simplefilter('ignore', Image.DecompressionBombWarning)     # big photos are fine: we reduce them
-        with Image.open(p) as im:
-            im.draft(None, (max_side, max_side))
-            return _rgb(ImageOps.exif_transpose(im))
+        from glr_nb.images import load_image          # the pipeline's own reader: upright, 8-bit RGB
+        return load_image(p, max_side, keep_aspect=True)
 
 def read_photo(path,           # an image file in any format Pillow reads
                max_side=1024   # reduce to this long side (the models and the matcher need no more)
