@@ -562,22 +562,14 @@ def split_frames(data_dir, split_type='v2c', cv=0)->tuple:
         out.append(df)
     return tuple(out)
 
-def _nonempty(p)->bool:
-    "Whether file `p` is there and holds bytes (one stat)"
-    try: return os.stat(p).st_size > 0
-    except OSError: return False
-
 def usable_images(paths,              # the image files of one set
                   max_bad_frac=0.01,  # refuse the set when a larger share is missing or empty
                   what='images'       # the set, for the message (e.g. its split file)
                  )->np.ndarray:
     "Mask of the files that are there and not empty; `GLRError` with the count and three examples above `max_bad_frac`"
-    ok = np.array([_nonempty(p) for p in paths], bool)
-    bad = np.flatnonzero(~ok)
-    if len(bad) > max_bad_frac * len(ok):
-        raise GLRError(f"{what}: {len(bad)} of {len(ok)} images missing or empty ({len(bad) / len(ok):.1%}, more than "
-                       f"max_bad_frac {max_bad_frac:.1%}), e.g. {', '.join(str(paths[i]) for i in bad[:3])}; "
-                       "restore them or raise --max_bad_frac")
+    from glr_nb.retrieval import file_stamps, check_unreadable
+    ok = file_stamps(paths)[:, 0] > 0
+    check_unreadable(np.flatnonzero(~ok), paths, max_bad_frac, what, 'missing or empty')
     return ok
 
 def split_datasets(data_dir, split_type='v2c', img_size=448, eval_img_size=512, aug_version='1', max_valid=None,

@@ -294,12 +294,13 @@ def checkpoint_key(ckpt, img_size:int)->dict:
 def check_unreadable(bad,              # rows whose images cannot be read
                      names,            # every row's file (or id), for the message
                      max_bad_frac=0.01, # refuse above this share of the set
-                     what='images'):   # the set, for the message
+                     what='images',    # the set, for the message
+                     why='unreadable'): # what is wrong with them, for the message
     "`bad`, or GLRError naming the count and three examples when more than `max_bad_frac` of the set is unreadable"
     if len(names) and len(bad) > max_bad_frac * len(names):
         ex = ', '.join(str(names[i]) for i in bad[:3])
-        raise GLRError(f"{what}: {len(bad)} of {len(names)} images unreadable ({len(bad) / len(names):.1%}, more than "
-                       f"max_bad_frac {max_bad_frac:.1%}), e.g. {ex}; restore them or raise --max-bad-frac")
+        raise GLRError(f"{what}: {len(bad)} of {len(names)} images {why} ({len(bad) / len(names):.1%}, more than "
+                       f"max_bad_frac {max_bad_frac:.1%}), e.g. {ex}; restore them or raise --max_bad_frac")
     return bad
 
 # %% ../nbs/04_retrieval.ipynb #b7c1e9a2
