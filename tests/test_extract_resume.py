@@ -5,16 +5,9 @@ import numpy as np
 
 SCRIPT = textwrap.dedent('''
     import sys, time, torch
-    from torch import nn
     from torch.utils.data import Dataset
     from glr_nb.retrieval import cached_extract
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 8))
-        def extract_feature(self, x): return self.body(x)
+    from tiny_net import Net
 
     class Slow(Dataset):
         "Deterministic images; slow after `fast` items so the parent can kill us mid-run"
@@ -35,7 +28,8 @@ SCRIPT = textwrap.dedent('''
 def run(tmp, *args, wait=True):
     f = tmp/'job.py'
     f.write_text(SCRIPT)
-    p = subprocess.Popen([sys.executable, str(f), *map(str, args)])
+    env = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(Path(__file__).parent), os.environ.get('PYTHONPATH', '')])}
+    p = subprocess.Popen([sys.executable, str(f), *map(str, args)], env=env)
     if wait: assert p.wait(120) == 0
     return p
 

@@ -5,19 +5,9 @@ The images are written by the test: random shapes, and for each a shifted crop, 
 import numpy as np
 import torch
 import torch.multiprocessing as mp
-from torch import nn
+from tiny_net import Net
 
 N_IMG, CHUNK, KEY = 10, 3, dict(v=1)
-
-
-class Net(nn.Module):
-    "A tiny deterministic embedding model"
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 8))
-
-    def extract_feature(self, x): return self.body(x)
 
 
 def write_images(d):
