@@ -1,13 +1,14 @@
 """Training pieces checked against the reference solution's own code: its augmentation ops, its retrieval
 scorer, its EfficientNet / ResNet backbones (for the weight formats and the padding). The reference source is
-read from `../shared/seed/reference` next to this checkout, or `$GLR_REFERENCE_DIR`; without it these tests skip."""
+read from `../shared/seed/reference` next to this checkout, or `$GLR_REFERENCE` (as in tests/test_reference_parity.py);
+without it these tests skip."""
 import os, ast, sys, types
 from pathlib import Path
 import numpy as np, pytest, torch
 from PIL import Image
 
-REF = Path(os.environ.get('GLR_REFERENCE_DIR') or Path(__file__).resolve().parents[2]/'shared'/'seed'/'reference')/'src'
-pytestmark = pytest.mark.skipif(not REF.is_dir(), reason=f'no reference source at {REF} (set GLR_REFERENCE_DIR)')
+REF = Path(os.environ.get('GLR_REFERENCE') or Path(__file__).resolve().parents[2]/'shared'/'seed'/'reference')/'src'
+pytestmark = pytest.mark.skipif(not REF.is_dir(), reason=f'no reference source at {REF} (set GLR_REFERENCE)')
 
 def ref_namespace(relpath, names=None, **globs):
     "Execute the reference file `relpath` (only the top-level functions `names`, when given) in a fresh namespace"
