@@ -1,5 +1,5 @@
 "Tests of glr_nb.data that the notebooks cannot hold well: the default demo dataset end to end and the installed CLI."
-import sys, subprocess, json, time
+import sys, subprocess, json
 from pathlib import Path
 import numpy as np, pandas as pd, pytest
 from PIL import Image
@@ -12,15 +12,12 @@ GLR_SPLIT = str(Path(sys.executable).parent/'glr_split')
 @pytest.fixture(scope='module')
 def demo(tmp_path_factory):
     d = tmp_path_factory.mktemp('demo')/'data'
-    t0 = time.time()
     make_demo_dataset(d, seed=0)
-    dt = time.time() - t0
-    return d, dt
+    return d
 
 
 def test_default_demo_shape(demo):
-    d, dt = demo
-    assert dt < 120, f"demo generation took {dt:.0f}s"   # generous: shared CPUs; ~25 s on an idle core
+    d = demo
     files = [p for p in d.rglob('*') if p.is_file()]
     assert sum(p.stat().st_size for p in files) < 50*2**20
     tc = read_train_clean(d/'raw'/'train_clean.csv')
@@ -42,7 +39,7 @@ def test_default_demo_shape(demo):
 
 
 def test_demo_split_reference_rule(demo):
-    d, _ = demo
+    d = demo
     c = make_splits(d, seed=0, valid_num=250, n_gallery=80)          # the reference thresholds; the demo's set sizes
     assert c['v2c/random_valid_cv0.csv'] == 200
     val = pd.read_csv(d/'split'/'v2c'/'random_valid_cv0.csv')
@@ -66,7 +63,7 @@ def test_demo_split_reference_rule(demo):
 
 def test_demo_split_no_leakage(demo):
     "Validation queries (v2x-only images among them) are in no training split"
-    d, _ = demo
+    d = demo
     c = make_splits(d, seed=0, valid_num=250, n_gallery=80)
     q = pd.read_csv(d/'split'/'val'/'query.csv', keep_default_na=False, dtype={'id': str})
     tr, tc = read_train(d/'raw'/'train.csv'), read_train_clean(d/'raw'/'train_clean.csv')
@@ -82,7 +79,7 @@ def test_demo_split_no_leakage(demo):
 
 def test_dataset_batches(demo):
     import torch
-    d, _ = demo
+    d = demo
     t = pd.read_csv(d/'split'/'v2c'/'random_train_cv0.csv')
     ds = ImageDataset(image_paths(d/'images'/'train', t.id[:16]), t.landmark_id[:16], size=64, aug='v3b', train=True)
     xb, yb = next(iter(torch.utils.data.DataLoader(ds, batch_size=8, num_workers=2)))
@@ -90,7 +87,7 @@ def test_dataset_batches(demo):
 
 
 def test_cli(demo, tmp_path):
-    d, _ = demo
+    d = demo
     p = subprocess.run([GLR_SPLIT, '--data-dir', str(d), '--seed', '1'], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     (tmp_path/'raw').mkdir()

@@ -161,12 +161,11 @@ def test_offline_default_weights(demo, tmp_path):
     "The README command offline (empty cache, no hub): exit 2, one line naming weights and ways out; nothing written"
     env = {k: v for k, v in ENV.items() if k != 'PYTHONWARNINGS'}          # warnings would be lines on stderr too
     env |= {'HF_HUB_OFFLINE': '1', 'HF_HUB_CACHE': str(tmp_path/'hf')}
-    t0 = time.time()
     argv = ['--data_dir', str(demo), '--result_dir', str(tmp_path), '--out_dir', 'b7']
     r = subprocess.run([PY, '-m', 'glr_nb.train', *argv], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     for s in ('tf_efficientnet_b7.aa_in1k', '--pretrained PATH', '--pretrained none'): assert s in r.stderr, r.stderr
-    assert time.time() - t0 < 120 and not (tmp_path/'models'/'b7').exists()
+    assert not (tmp_path/'models'/'b7').exists()
 
 def test_python_m_entry_point(tmp_path):
     "`python -m glr_nb.train --help` reaches the script (the __main__ guard fires outside notebooks)"
