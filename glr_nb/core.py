@@ -5,7 +5,7 @@
 # %% ../nbs/00_core.ipynb #8b42e191
 from __future__ import annotations
 import os, sys, re, io, ast, json, math, errno, typing, inspect, logging, argparse, tempfile, textwrap, tokenize
-import contextlib, dataclasses, functools, hashlib, random, time, glob, shutil, mmap
+import contextlib, dataclasses, functools, hashlib, random, time, glob, shutil, mmap, gc
 from pathlib import Path
 import numpy as np
 from fastcore.basics import patch
@@ -15,7 +15,7 @@ __all__ = ['LIMITS', 'HEX_ID', 'GLRError', 'in_range', 'check_param', 'field_doc
            'data_dir', 'result_dir', 'csv_line', 'check_ids', 'get_logger', 'atomic_write', 'save_json', 'save_csv',
            'aside_path', 'atomic_dir', 'reserve', 'new_memmap', 'save_checkpoint', 'load_checkpoint', 'set_seed',
            'get_device', 'default_device', 'file_digest', 'dist_rank_world', 'dist_barrier', 'init_distributed',
-           'rank_zero_first', 'release_pages']
+           'end_distributed', 'rank_zero_first', 'release_pages']
 
 # %% ../nbs/00_core.ipynb #2dfce38c
 class GLRError(Exception):
@@ -524,6 +524,19 @@ def init_distributed(device=None  # the job's device: NCCL for cuda, gloo otherw
         if dev.type == 'cuda': torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)))
         torch.distributed.init_process_group('nccl' if dev.type == 'cuda' else 'gloo')
     return dist_rank_world()
+
+def end_distributed(code:int=None):  # with a code, a torchrun rank then exits with it at once
+    "Leave the process group, if this process joined one: all ranks meet, then each tears its part down"
+    d = getattr(sys.modules.get('torch'), 'distributed', None)
+    if d is None or not d.is_available() or not d.is_initialized(): return
+    gc.collect()                  # DDP reducers, loaders and their threads go while the group is still alive
+    d.barrier()                   # nobody closes its sockets while another still talks
+    d.destroy_process_group()
+    if code is None: return
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)                # no interpreter teardown: static destructors of gloo/NCCL threads can abort there
 
 @contextlib.contextmanager
 def rank_zero_first():

@@ -27,8 +27,8 @@ from .images import ImageDataset, AUG_VERSIONS, BAD_LABEL
 from .train import TrainSettings, holds_run, take_run_dir, write_run_manifest, find_checkpoint, resume_path
 
 # %% auto #0
-__all__ = ['SCHEDULER_LR', 'ToyColours', 'init_distributed', 'end_processes', 'sample_seed', 'ResumableSampler', 'SeededDataset',
-           'Clock', 'save_points', 'SavePlan', 'eval_mode', 'embed', 'evaluate', 'RetrievalSet', 'retrieval_set',
+__all__ = ['SCHEDULER_LR', 'ToyColours', 'init_distributed', 'sample_seed', 'ResumableSampler', 'SeededDataset', 'Clock',
+           'save_points', 'SavePlan', 'eval_mode', 'embed', 'evaluate', 'RetrievalSet', 'retrieval_set',
            'retrieval_map100', 'ArcFaceInput', 'Autocast', 'lr_at', 'LRSchedule', 'GradAccum', 'SamplerEpoch',
            'FreezeBN', 'SkipValidation', 'LossLog', 'BadImages', 'Validator', 'Checkpointer', 'make_learner', 'Run',
            'check_settings', 'start_run', 'resume_state', 'split_frames', 'usable_images', 'split_datasets', 'Data',
@@ -64,10 +64,6 @@ def init_distributed(backend=None  # force a torch.distributed backend; default 
     return (dist.get_rank() if world > 1 else 0), world, dev
 
 def _ddp(): return dist.is_available() and dist.is_initialized()
-
-def end_processes():
-    "Leave the process group, if this process joined one"
-    if _ddp(): dist.destroy_process_group()
 
 # %% ../nbs/03a_learner.ipynb #6d631158
 def sample_seed(seed, epoch, pos):

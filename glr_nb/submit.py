@@ -113,6 +113,7 @@ def glr_extract(checkpoint:str=None, # model checkpoint (.pth) written by glr_tr
     m, ids = embed_checkpoint(checkpoint, df['path'].tolist(), df['id'].tolist(), feats, images, img_size, bs, device,
                               num_workers, chunk, max_bad_frac=max_bad_frac)
     if rank == 0: print(f"{images}: {m.shape[0]} x {m.shape[1]} embeddings in {m.filename}")
+    core.end_distributed(code=0)
 
 # %% ../nbs/08_submit.ipynb #381f1534
 def retrieve_lists(embs:dict,     # set name -> model -> embeddings (`embed_sets`)
@@ -424,7 +425,8 @@ def run_submit(s:SubmitSettings, # the run's settings
 def glr_submit(s:SubmitSettings):  # the pipeline's settings (flags)
     "Predict the test set and write submission.csv (embed, retrieve, re-rank, stack; every stage cached)"
     r = run_submit(s)
-    if r is None: return None                                     # a torchrun rank > 0: its share is done
+    if r is None: return core.end_distributed(code=0)             # a torchrun rank > 0: its share is done
     print(f"wrote {r.submission} ({len(r.sets['test'])} test ids, final stage {r.metrics['final_stage']})")
     print(json.dumps({k_: v for k_, v in r.metrics.items() if k_.startswith('gap_')}))
+    core.end_distributed(code=0)
     return r.submission

@@ -6,7 +6,7 @@
 from __future__ import annotations
 import os, sys, re, json, time, dataclasses
 from pathlib import Path
-from .core import GLRError, Settings, script, save_json, get_logger
+from .core import GLRError, Settings, script, save_json, get_logger, end_distributed
 
 # %% auto #0
 __all__ = ['TrainSettings', 'settings_argv', 'holds_run', 'take_run_dir', 'write_run_manifest', 'run_complete', 'find_checkpoint',
@@ -153,9 +153,9 @@ def glr_train(s:TrainSettings):  # every field is a flag; the reference's train.
     "Train a GeM/ArcFace retrieval model (the reference's train.py flags, and ours: see TrainSettings)"
     if s.distributed and int(os.environ.get('WORLD_SIZE', 1)) == 1 and s.local_rank is None:
         get_logger('glr_nb.train').warning("--distributed 1 outside torchrun: running one process")
-    train(s)
-    from glr_nb.learner import end_processes
-    end_processes()
+    learn = train(s)
+    del learn
+    end_distributed(code=0)       # a torchrun rank leaves cleanly (rank 1 could abort at exit, under load)
 
 # %% ../nbs/03_train.ipynb #bc2847bb
 if __name__ == '__main__' and Path(sys.argv[0]).stem == 'train': glr_train()

@@ -55,6 +55,21 @@ def demo(tmp_path_factory):
     make_splits(d)
     return d
 
+def test_ddp_console_script_exits_cleanly_under_load(demo, tmp_path):
+    "torchrun -m glr_nb.train, 2 gloo ranks beside a CPU-bound process: both exit 0 (no abort at exit), run complete"
+    hog = subprocess.Popen([PY, '-c', 'while True: pass'])
+    try:
+        argv = ['--arch', 'test_resnet', '--pretrained', 'none', '--epochs', '1', '--img_size', '32', '--eval_img_size',
+                '32', '--batch_size', '16', '--save_every_epoch', '0.5', '--workers', '1', '--max_valid', '16',
+                '--data_dir', str(demo), '--result_dir', str(tmp_path), '--out_dir', 'ddp_cli']
+        r = subprocess.run([PY, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '-m',
+                            'glr_nb.train', *argv], env=ENV, capture_output=True, text=True, timeout=900)
+    finally: hog.kill()
+    assert r.returncode == 0, r.stderr[-3000:]
+    for bad in ('terminate called', 'SIGABRT', 'Signal 6', 'Traceback'): assert bad not in r.stderr, r.stderr[-3000:]
+    out = tmp_path/'models'/'ddp_cli'
+    assert (out/'final.pth').is_file() and json.loads((out/'run.json').read_text())['complete'] is True
+
 ARGS = ['--arch', 'test_resnet', '--pretrained', 'none', '--epochs', '2', '--img_size', '32', '--eval_img_size', '32',
         '--batch_size', '32', '--save_every_epoch', '0.25', '--aug_version', '3b', '--workers', '0',
         '--max_valid', '48', '--select_by', 'gap']
