@@ -30,6 +30,12 @@ def test_ranks_json_fractions(tmp_path):
     assert [x['setting'] for x in out['best']] == ['easy', 'medium', 'hard']
     for x in out['best']: assert [x[k] for k in ('map', 'mp@1', 'mp@5', 'mp@10')] == [1., 1., 1., 1.], x
     assert all(x['map'] < 1 and x['dataset'] == 'rparis6k' for x in out['worst']), out['worst']
+    g.write_bytes(pickle.dumps(dict(imlist=[f'i{k}' for k in range(n)], gnd=[dict(easy=[0], hard=[], junk=[1])] * 2)))
+    r = _run('revisitop', '--ranks', tmp_path/'best.npy', '--gnd', g, '--json')
+    hard = [json.loads(line) for line in r.stdout.splitlines()][2]
+    assert r.returncode == 0 and hard['map'] is None and hard['queries'] == 0, (r.stderr, hard)   # no hard positives
+    r = _run('revisitop', '--ranks', tmp_path/'best.npy', '--gnd', g)
+    assert r.returncode == 0 and 'NaN' in r.stdout.splitlines()[-1], r.stdout
 
 
 def test_bad_input_exits_2_with_one_line(tmp_path):
