@@ -7,7 +7,7 @@ from __future__ import annotations
 import json, os, sys, time, shutil, tempfile
 from pathlib import Path
 import glr_nb
-from .core import GLRError, script, get_logger, save_json, parameters_cell
+from .core import GLRError, script, get_logger, save_json, parameters_cell, own_folder, job_lock
 from .submit import SubmitSettings
 
 # %% auto #0
@@ -122,7 +122,7 @@ def run_demo(out,                  # output folder: submission.csv, metrics.json
              **kw)->dict:          # overrides of `DEMO` and of `SubmitSettings`
     "Run the whole pipeline on the demo dataset through `91_submit.ipynb`; returns the metrics dict"
     out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    own_folder(out, 'demo', ('demo.log', 'metrics.json', 'submission.csv', 'report', 'data', 'models'), flag=None)
     log, t0 = get_logger('glr_demo', out/'demo.log'), time.time()
     sk = {k: v for k, v in kw.items() if k in SubmitSettings.names()}
     s = SubmitSettings.of({**DEMO_SUBMIT, **sk}, result_dir=str(out), out_dir=str(out),
@@ -147,5 +147,5 @@ def glr_demo(out:str=None,       # output folder (submission.csv, metrics.json, 
              epochs:int=None):   # training epochs per backbone (default DEMO['epochs'])
     "End to end on the embedded demo dataset: data, splits, two backbones, retrieval, re-rank, stacking, submission"
     if not out: raise GLRError("pass --out DIR")
-    m = run_demo(out, data_dir, seed, **({'epochs': epochs} if epochs else {}))
+    with job_lock(out, 'demo folder'): m = run_demo(out, data_dir, seed, **({'epochs': epochs} if epochs else {}))
     print(json.dumps({k: m[k] for k in ('gap_global', 'gap_rerank', 'gap_stacked')}))

@@ -236,6 +236,7 @@ class IndexSettings(core.Settings):
     images: str = 'index'         # labelled images: index (every v2c image), train, val_index, or a split CSV
     gallery: str = 'nonlandmark'  # image set of the non-landmark gallery ('none': no gallery); a new index only
     add: bool = False             # append `images` to the index at --out: only ids it lacks, nothing re-embedded
+    overwrite: bool = False       # move what is at --out aside (timestamped sibling) and build a new index
     stacker: str = None           # a stacker folder saved by glr_submit (OUT/stacker) for glr_predict to apply
     img_size: int = None          # square size the models embed at (default: each checkpoint's eval_img_size)
     bs: int = 32                  # extraction batch size
@@ -313,8 +314,12 @@ def build_index(s:IndexSettings, # what to index, and where
     log = log or get_logger('glr_index')
     if not s.out: raise GLRError("pass --out DIR (the index folder)")
     root = Path(s.out)
+    if s.overwrite and not s.add and root.exists():
+        log.warning(f"--overwrite: {root} moved to {(old := core.aside_path(root))}")
+        os.rename(root, old)
+    if not s.add: core.own_folder(root, 'index', ('index.json', 'parts', 'models'))   # never into the user's files
     if not s.add and (root/'index.json').exists():
-        raise GLRError(f"{root}: holds an index; pass --add to append to it")
+        raise GLRError(f"{root}: holds an index; pass --add to append to it, or --overwrite to move it aside")
     ix = LandmarkIndex(root, verify=False) if s.add else None
     dd, models = core.data_dir(s.data_dir).resolve(), _index_models(s, root, ix and ix.meta)
     df, new = _new_images(image_table(dd, s.images), ix)
@@ -337,7 +342,9 @@ def glr_index(command:Param('build (--add: append to an index) or check', str, o
                             choices=['build', 'check'])='build',
               s:IndexSettings=None):  # what to index, and where (flags)
     "Build a landmark index for glr_predict from checkpoints and labelled images (--add appends); check verifies one"
-    if command == 'build': build_index(s)
+    if command == 'build':
+        if not s.out: raise GLRError("pass --out DIR (the index folder)")
+        with core.folder_lock(s.out, 'index'): build_index(s)           # --add: read, modify, write under it
     elif not s.out: raise GLRError("pass --out DIR (the index folder to check)")
     ix = LandmarkIndex(s.out)
     print(ix)

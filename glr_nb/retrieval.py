@@ -609,17 +609,14 @@ def plot_gallery(cands:pd.DataFrame,  # candidates table
 # %% ../nbs/04_retrieval.ipynb #8ec530e6
 def image_set(data_dir, name:str)->pd.DataFrame:
     "DataFrame id, path (+ label, landmarks where known) of a named image set (or a split CSV) of a GLDv2 data folder"
-    from glr_nb.data import image_paths
-    from glr_nb.core import check_ids
+    from glr_nb.data import image_paths, read_split_csv
     d = Path(data_dir)
-    def _csv(p, **kw):
+    def _csv(p):                                        # empty, a bad id or label: one line naming file and line
         if not p.is_file():
-            fix = f"; run glr_split --data-dir {d} first" if 'split' in p.parts else ''
-            raise GLRError(f"{p}: not found{fix}")
-        df = pd.read_csv(p, dtype={'id': str}, keep_default_na=False, **kw)
-        if 'id' not in df.columns: raise GLRError(f"{p}: line 1: no id column; re-run glr_split or re-download it")
-        check_ids(df['id'], p)                          # a bad id is named with its file and line
-        return df
+            raise GLRError(f"{p}: not found" + (f"; run glr_split --data-dir {d} first" if 'split' in p.parts else ''))
+        fix = f"re-run glr_split --data-dir {d}" if 'split' in p.parts else 'restore or re-download it'
+        head = pd.read_csv(p, nrows=0).columns if p.stat().st_size else []
+        return read_split_csv(p, tuple(c for c in ('landmark_id',) if c in head), fix)
     if name == 'test': df = _csv(d/'raw'/'test.csv')[['id']].assign(subset='test')
     elif name == 'index': df = _csv(d/'split'/'train2020.csv').assign(subset='train')      # every v2c image
     elif name == 'train': df = _csv(d/'split'/'v2c'/'random_train_cv0.csv').assign(subset='train')

@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_submit.ipynb #9ed61569
 from __future__ import annotations
-import re, json, math, time, hashlib, contextlib, dataclasses
+import os, re, json, functools, math, time, hashlib, contextlib, dataclasses
 from pathlib import Path
 import numpy as np, pandas as pd
 from . import core
@@ -90,7 +90,8 @@ def embed_sets(ckpts:dict, sets:dict, cache_dir, img_size=800, bs=32, device=Non
     from glr_nb.retrieval import embed_checkpoint
     embed = lambda p, df, s: embed_checkpoint(p, df['path'].tolist(), df['id'].tolist(), cache_dir, s, img_size, bs,
                                               device, num_workers, progress=progress)[0]
-    return {s: {m: embed(p, df, s) for m, (p, w) in ckpts.items()} for s, df in sets.items()}
+    with core.job_lock(cache_dir, 'embedding cache'):
+        return {s: {m: embed(p, df, s) for m, (p, w) in ckpts.items()} for s, df in sets.items()}
 
 # %% ../nbs/08_submit.ipynb #1223c809
 @script
@@ -110,8 +111,9 @@ def glr_extract(checkpoint:str=None, # model checkpoint (.pth) written by glr_tr
     df = image_set(core.data_dir(data_dir), images)
     rank, _ = core.init_distributed(device)
     feats = core.result_dir(result_dir)/'features'
-    m, ids = embed_checkpoint(checkpoint, df['path'].tolist(), df['id'].tolist(), feats, images, img_size, bs, device,
-                              num_workers, chunk, max_bad_frac=max_bad_frac)
+    with core.job_lock(feats, 'embedding cache'):
+        m, ids = embed_checkpoint(checkpoint, df['path'].tolist(), df['id'].tolist(), feats, images, img_size, bs,
+                                  device, num_workers, chunk, max_bad_frac=max_bad_frac)
     if rank == 0: print(f"{images}: {m.shape[0]} x {m.shape[1]} embeddings in {m.filename}")
 
 # %% ../nbs/08_submit.ipynb #381f1534
@@ -381,7 +383,23 @@ def _write(s, out, preds, gaps, val_gaps, sets, sol, lab2lm, seconds, matcher):
              matcher=matcher, settings=s.asdict(), seconds=seconds)
     return sub, m
 
+# %% ../nbs/08_submit.ipynb #26dd51b8
+_SUBMIT_FILES = ('metrics.json', 'submit.log', 'submission.csv', 'stacker')
+
+def _holding_out_dir(f):
+    "Run `f(s, ...)` holding the lock of `s`'s output folder, made (or checked to be ours) first"
+    @functools.wraps(f)
+    def _f(s, *a, **kw):
+        rd = s.result_dir or os.environ.get('GLR_RESULT_DIR')
+        if not (s.out_dir or rd) or not s.checkpoints: return f(s, *a, **kw)   # refused inside, in its words
+        out = Path(s.out_dir or Path(rd)/'submit')
+        with core.job_lock(out, 'submission folder'):
+            if int(os.environ.get('RANK', 0)) == 0: core.own_folder(out, 'submission', _SUBMIT_FILES, flag=None)
+            return f(s, *a, **kw)
+    return _f
+
 # %% ../nbs/08_submit.ipynb #b899d373
+@_holding_out_dir
 def run_submit(s:SubmitSettings, # the run's settings
                log=None          # logger (default: 'glr_submit', also to OUT_DIR/submit.log)
               )->SubmitRun:

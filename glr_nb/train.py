@@ -10,7 +10,7 @@ from .core import GLRError, Settings, script, save_json, get_logger
 
 # %% auto #0
 __all__ = ['TrainSettings', 'settings_argv', 'holds_run', 'take_run_dir', 'write_run_manifest', 'run_complete', 'find_checkpoint',
-           'resume_path', 'train', 'glr_train']
+           'resume_path', 'run_dir', 'run_lock', 'train', 'glr_train']
 
 # %% ../nbs/03_train.ipynb #42a3e88c
 @dataclasses.dataclass
@@ -70,6 +70,9 @@ class TrainSettings(Settings):
         self.amp = 'none' if self.amp is None else self.amp
         self.aug_version = '0' if self.aug_version is None else str(self.aug_version)
         super().__post_init__()
+        if self.batch_size == 1 and not self.freeze_bn and int(os.environ.get('WORLD_SIZE', 1)) == 1:
+            raise GLRError("batch_size = 1: BatchNorm cannot train on one image per step; use --batch_size 2 or more "
+                           "(or --freeze_bn)")
 
 # %% ../nbs/03_train.ipynb #b9333a75
 def settings_argv(s:Settings)->list:
@@ -130,6 +133,17 @@ def resume_path(out, resume)->Path|None:
         raise GLRError(f"{resume}: checkpoint not found (nor in {out}); pass latest, a file of the run or a path")
     return p
 
+# %% ../nbs/03_train.ipynb #189987e3
+def run_dir(s:TrainSettings)->Path:
+    "The run folder of settings `s`: RESULT_DIR/models/<out_dir>"
+    from glr_nb.core import result_dir
+    return result_dir(s.result_dir)/'models'/(s.out_dir or f'{s.split_type}_{s.arch}_i{s.img_size}')
+
+def run_lock(s:TrainSettings):
+    "The run folder's lock, taken by rank 0 of a job (a no-op context on the other ranks)"
+    from glr_nb.core import job_lock
+    return job_lock(run_dir(s), 'run folder')
+
 # %% ../nbs/03_train.ipynb #9d4de0c7
 def train(s:TrainSettings=None,  # the run's settings (default TrainSettings()); keywords below change them
           train_ds=None,         # a Dataset of (x, y) to train on instead of the split's images
@@ -139,12 +153,13 @@ def train(s:TrainSettings=None,  # the run's settings (default TrainSettings());
     if 'num_workers' in kw: kw['workers'] = kw.pop('num_workers')      # its name before the settings
     s = TrainSettings.of({**(s or TrainSettings()).asdict(), **kw})
     from glr_nb import learner as L
-    run = L.start_run(s)
-    ck = L.resume_state(s, run)
-    data = L.make_data(s, run, train_ds, valid_ds)
-    raw, model = L.build_model(s, run, data.num_classes, ck)
-    learn = L.prepare_learner(s, run, raw, model, data, ck)
-    L.fit_run(s, run, learn)
+    with run_lock(s):
+        run = L.start_run(s)
+        ck = L.resume_state(s, run)
+        data = L.make_data(s, run, train_ds, valid_ds)
+        raw, model = L.build_model(s, run, data.num_classes, ck)
+        learn = L.prepare_learner(s, run, raw, model, data, ck)
+        L.fit_run(s, run, learn)
     return learn
 
 # %% ../nbs/03_train.ipynb #b71fa0de
