@@ -77,24 +77,25 @@ def demo_models(data_dir,       # the demo dataset (`demo_data`)
                 seed=0, progress=True, log=None,
                 **kw)->str:     # overrides of `DEMO` (arches, img_size, epochs, lr, batch_size)
     "Train the demo's backbones with `90_train.ipynb` unless their runs are complete; the ensemble's checkpoints spec"
-    from glr_nb.train import run_complete
+    from glr_nb.train import run_complete, run_differs, TrainSettings, RUN_IDENTITY
     cfg, rd, log = {**DEMO, **kw}, Path(result_dir), log or get_logger('glr_demo')
     cks = {}
     for i, arch in enumerate(cfg['arches']):
         name = f"demo_{arch}_i{cfg['img_size']}"
         out = rd/'models'/name
         cks[f'm{i + 1}'] = out/'final.pth'
-        if run_complete(out):
+        p = dict(arch=arch, data_dir=str(data_dir), result_dir=str(rd), out_dir=name, epochs=cfg['epochs'],
+                 img_size=cfg['img_size'], eval_img_size=cfg['img_size'], batch_size=cfg['batch_size'],
+                 save_every_epoch=1.0, pretrained='none', lr=cfg['lr'], seed=seed)
+        diff = run_differs(out, TrainSettings.of(p), RUN_IDENTITY + ('epochs', 'batch_size', 'lr', 'eval_img_size'))
+        if run_complete(out) and not diff:
             log.info(f'{arch}: reusing the finished run {out}')
             continue
-        resume = 'latest' if (out/'run.json').is_file() else None     # a run killed midway continues where it stopped
+        resume = 'latest' if (out/'run.json').is_file() and not diff else None   # a killed run continues
+        if diff: log.warning(f"{out}: made with other settings ({'; '.join(diff)}); training again (moved aside)")
         log.info(f"training {arch}" + (' (resuming the unfinished run)' if resume else ''))
         nb = run_notebook(find_notebook('90_train.ipynb'), rd/'report'/f'90_train_{arch}.ipynb',
-                          dict(arch=arch, data_dir=str(data_dir), result_dir=str(rd), out_dir=name,
-                               epochs=cfg['epochs'], img_size=cfg['img_size'], eval_img_size=cfg['img_size'],
-                               batch_size=cfg['batch_size'], save_every_epoch=1.0, pretrained='none', lr=cfg['lr'],
-                               seed=seed, resume=resume),
-                          progress=progress)
+                          p | dict(resume=resume, overwrite=bool(diff)), progress=progress)
         if not run_complete(out): raise GLRError(f"{nb}: training did not finish the run in {out}")
     return ','.join(f'{m}={p}:{1 / len(cks)}' for m, p in cks.items())
 

@@ -568,7 +568,7 @@ def usable_images(paths,              # the image files of one set
                  )->np.ndarray:
     "Mask of the files that are there and not empty; `GLRError` with the count and three examples above `max_bad_frac`"
     from glr_nb.retrieval import file_stamps, check_unreadable
-    ok = file_stamps(paths)[:, 0] > 0
+    ok = file_stamps(paths, sample=False)[:, 0] > 0
     check_unreadable(np.flatnonzero(~ok), paths, max_bad_frac, what, 'missing or empty')
     return ok
 

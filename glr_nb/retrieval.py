@@ -109,13 +109,21 @@ def _open_npy(path, n, dim, mode='r'):
     except Exception: return None
 
 # %% ../nbs/04_retrieval.ipynb #a1f3c2d4
-def file_stamps(paths)->np.ndarray:
-    "int64 [n, 2]: each file's size and modification time (ns); -1, -1 where it is missing"
-    out = np.full((len(paths), 2), -1, np.int64)
+def file_stamps(paths,
+                sample=True)->np.ndarray:  # also read the CRC of blocks spread over each file (`core.sampled_crc`)
+    "int64 [n, 3]: each file's size, modification time (ns) and sampled CRC (-1 unread); -1 rows where it is missing"
+    from glr_nb.core import sampled_crc
+    out = np.full((len(paths), 3), -1, np.int64)
     for i, p in enumerate(paths):
         try: st = os.stat(p)
         except OSError: continue
-        out[i] = st.st_size, st.st_mtime_ns
+        out[i, :2] = st.st_size, st.st_mtime_ns
+        if not sample: continue
+        try: fd = os.open(p, os.O_RDONLY)
+        except OSError: continue                         # unreadable: found out (and counted) when decoded
+        try: out[i, 2] = sampled_crc(fd, st.st_size)
+        except OSError: pass
+        finally: os.close(fd)
     return out
 
 def _stamp_digest(stamps, s, e):

@@ -9,8 +9,9 @@ from pathlib import Path
 from .core import GLRError, Settings, script, save_json, get_logger
 
 # %% auto #0
-__all__ = ['TrainSettings', 'settings_argv', 'holds_run', 'take_run_dir', 'write_run_manifest', 'run_complete', 'find_checkpoint',
-           'resume_path', 'run_dir', 'run_lock', 'train', 'glr_train']
+__all__ = ['RUN_IDENTITY', 'TrainSettings', 'settings_argv', 'holds_run', 'take_run_dir', 'write_run_manifest', 'run_complete',
+           'split_digests', 'run_differs', 'find_checkpoint', 'resume_path', 'run_dir', 'run_lock', 'train',
+           'glr_train']
 
 # %% ../nbs/03_train.ipynb #42a3e88c
 @dataclasses.dataclass
@@ -107,7 +108,7 @@ def take_run_dir(out, had:str, resume=None, overwrite=False, rank=0)->Path|None:
 def write_run_manifest(out, s:Settings, complete:bool, **info):
     "Write `out/run.json` atomically: the settings, whether the run is complete, and `info`"
     from glr_nb import __version__
-    save_json(dict(complete=complete, **info, settings=s.asdict(), glr_nb=__version__,
+    save_json(dict(complete=complete, **info, settings=s.asdict(), splits=split_digests(s), glr_nb=__version__,
                    time=time.strftime('%Y-%m-%dT%H:%M:%S')), Path(out)/'run.json', default=str)
 
 def run_complete(out_dir)->bool:
@@ -116,6 +117,26 @@ def run_complete(out_dir)->bool:
     except (OSError, ValueError): return False
     if not isinstance(m, dict) or m.get('complete') is not True: return False
     return (Path(out_dir)/(m.get('final') or 'final.pth')).is_file()
+
+# %% ../nbs/03_train.ipynb #d8abedb3
+RUN_IDENTITY = ('arch', 'split_type', 'num_classes', 'seed', 'img_size', 'preprocessing', 'pretrained', 'model_file')
+
+def split_digests(s:TrainSettings)->dict:
+    "Content digests of the split files a run of `s` trains on ({} without a data folder)"
+    from glr_nb.core import file_digest
+    d = s.data_dir or os.environ.get('GLR_DATA_DIR')
+    fs = [Path(d)/'split'/s.split_type/f'random_{w}_cv0.csv' for w in ('train', 'valid')] if d else []
+    return {f.name: file_digest(f) for f in fs if f.is_file()}
+
+def run_differs(out, s:TrainSettings, names=RUN_IDENTITY)->list:
+    "What in `s` (settings `names`, split files) differs from the run recorded in `out/run.json`, as 'name was -> now'"
+    try: m = json.loads((Path(out)/'run.json').read_text())
+    except (OSError, ValueError): return []
+    was = m.get('settings') if isinstance(m, dict) else None
+    if not isinstance(was, dict): return ['run.json unreadable']
+    out = [f"{n} {was.get(n)!r} -> {getattr(s, n)!r}" for n in names if was.get(n) != getattr(s, n)]
+    new, old = split_digests(s), m.get('splits') or {}
+    return out + [f"split file {f} changed" for f in new if f in old and old[f] != new[f]]
 
 # %% ../nbs/03_train.ipynb #07d0dd7b
 def find_checkpoint(out)->Path|None:
@@ -144,6 +165,17 @@ def run_lock(s:TrainSettings):
     from glr_nb.core import job_lock
     return job_lock(run_dir(s), 'run folder')
 
+def _nothing_to_do(s:TrainSettings)->bool:
+    "Whether resuming the run of `s` has nothing left to do (complete to `s.epochs`); `GLRError` for other settings"
+    out = run_dir(s)
+    if diff := run_differs(out, s):
+        raise GLRError(f"{out}: the run was made with other settings ({'; '.join(diff)}); resume it with its own "
+                       "settings, or start again with --overwrite (no --resume)")
+    if not run_complete(out) or json.loads((out/'run.json').read_text()).get('epoch', -1) < s.epochs - 1e-9:
+        return False
+    get_logger('glr_train').warning(f"{out}: complete to epoch {s.epochs}; nothing to do, nothing rewritten")
+    return True
+
 # %% ../nbs/03_train.ipynb #9d4de0c7
 def train(s:TrainSettings=None,  # the run's settings (default TrainSettings()); keywords below change them
           train_ds=None,         # a Dataset of (x, y) to train on instead of the split's images
@@ -154,6 +186,7 @@ def train(s:TrainSettings=None,  # the run's settings (default TrainSettings());
     s = TrainSettings.of({**(s or TrainSettings()).asdict(), **kw})
     from glr_nb import learner as L
     with run_lock(s):
+        if s.resume not in (None, '') and _nothing_to_do(s): return None
         run = L.start_run(s)
         ck = L.resume_state(s, run)
         data = L.make_data(s, run, train_ds, valid_ds)

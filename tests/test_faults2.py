@@ -174,3 +174,51 @@ def test_script_exit_carries_its_line(data, tmp_path, capsys):
     assert e.value.code == 2 and str(e.value) == 'glr_train: error: --lr = nan is not a finite number: allowed >0'
     with pytest.raises(SystemExit) as e: glr_train(['--no-such-flag'])
     assert e.value.code == 2 and 'unrecognized arguments: --no-such-flag' in str(e.value)
+
+# ---------------------------------------------------------------- 2. identities that cannot go stale
+def _checkpoint(path):
+    "A valid tiny glr_nb checkpoint"
+    import torch
+    from glr_nb.models import create_model
+    net = create_model('test_resnet', 4, pretrained=None)
+    torch.save(dict(state_dict=net.state_dict(), arch='test_resnet', num_classes=4, epoch=1.), path)
+    return path
+
+def test_touched_image_is_not_served_from_the_cache(own_data, tmp_path, capsys):
+    "A test image changed in place with its size and mtime kept (touch -r) makes its cache chunk stale"
+    from glr_nb.retrieval import image_set, checkpoint_key, load_embeddings, file_stamps
+    ck = _checkpoint(tmp_path/'m.pth')
+    argv = ['--data-dir', own_data, '--result-dir', tmp_path/'res', '--checkpoint', ck, '--img_size', 32,
+            '--num_workers', 0, '--device', 'cpu', '--chunk', 4]
+    assert glr_extract([str(a) for a in argv]) is None
+    df = image_set(own_data, 'test')
+    key, paths = checkpoint_key(ck, 32), df['path'].tolist()
+    cache = next((tmp_path/'res'/'features').glob('*/test.npy'))
+    assert load_embeddings(cache, key, df['id'].tolist(), stamps=file_stamps(paths)) is not None
+    f = Path(paths[5])
+    st, b = f.stat(), bytearray(f.read_bytes())
+    i = (len(b) - 4096) * 3 // 7 + 100                          # inside one of the sampled blocks, mid-file
+    b[i] ^= 0xff
+    f.write_bytes(bytes(b))
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (f.stat().st_size, f.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    assert load_embeddings(cache, key, df['id'].tolist(), missing_ok=True, stamps=file_stamps(paths)) is None
+
+def test_finished_run_with_other_settings_is_refused_and_a_noop_resume_rewrites_nothing(data, tmp_path, capsys):
+    "--resume on a run made with another seed or image size is one line; the same settings rewrite nothing"
+    argv = ['--data-dir', data, '--result-dir', tmp_path, '--out_dir', 'r', *TRAIN]
+    assert glr_train([str(a) for a in argv]) is None
+    out = tmp_path/'models'/'r'
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()}
+    line = one_line(glr_train, [*argv, '--resume', 'latest', '--seed', '5', '--img_size', '48'], capsys)
+    assert 'the run was made with other settings (seed 0 -> 5; img_size 32 -> 48)' in line, line
+    assert glr_train([str(a) for a in [*argv, '--resume', 'latest']]) is None
+    after = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()}
+    assert after == before, [n for n in set(after) | set(before) if after.get(n) != before.get(n)]
+    split = data/'split'/'v2c'/'random_valid_cv0.csv'
+    text = split.read_text()
+    try:
+        split.write_text(text + text.splitlines()[1] + '\n')
+        line = one_line(glr_train, [*argv, '--resume', 'latest'], capsys)
+        assert 'split file random_valid_cv0.csv changed' in line, line
+    finally: split.write_text(text)
