@@ -38,6 +38,28 @@ def image_table(data_dir,    # DATA_DIR with images/ and split/
     out = pd.DataFrame(dict(id=df['id'][keep], path=df['path'][keep], landmark=lm[keep].astype(np.int64)))
     return out.reset_index(drop=True)
 
+# %% ../nbs/11_predict.ipynb #7ff3a70a
+def _bad_field(m:dict)->str:
+    "The first field of index manifest `m` with a wrong type or value, in words ('' when all are sound)"
+    num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and bool(np.isfinite(v))
+    if not isinstance(m.get('models'), dict) or not m['models']: return "models: not a non-empty object"
+    for k, c in m['models'].items():
+        if not isinstance(c, dict): return f"models.{k}: not an object"
+        for f in ('file', 'source_digest'):
+            if not isinstance(c.get(f), str): return f"models.{k}.{f}: not a string"
+        if not (num(c.get('weight')) and c['weight'] > 0): return f"models.{k}.weight {c.get('weight')!r}: not > 0"
+        if not (isinstance(c.get('img_size'), int) and c['img_size'] >= 16):
+            return f"models.{k}.img_size {c.get('img_size')!r}: not an integer >= 16"
+    if not isinstance(m.get('parts'), list): return "parts: not a list"
+    for i, e in enumerate(m['parts']):
+        if not (isinstance(e, dict) and isinstance(e.get('dir'), str) and isinstance(e.get('crc'), dict)):
+            return f"parts[{i}]: not an object with dir and crc"
+        if not (isinstance(e.get('n'), int) and not isinstance(e['n'], bool) and e['n'] >= 0):
+            return f"parts[{i}].n {e.get('n')!r}: not an integer >= 0"
+    for k in ('gallery', 'stacker'):
+        if m.get(k) is not None and not isinstance(m[k], dict): return f"{k}: not an object or null"
+    return ''
+
 # %% ../nbs/11_predict.ipynb #d6a96ad3
 INDEX_FORMAT = 'glr_nb.index/1'
 _TRAINING_STATE = ('optimizer', 'scaler', 'sampler')   # checkpoint entries that only resuming a training run needs
@@ -58,6 +80,7 @@ def read_manifest(path)->dict:
         raise GLRError(f"{f}: damaged ({type(e).__name__}); rebuild the index with glr_index build") from None
     if not isinstance(m, dict) or m.get('format') != INDEX_FORMAT:
         raise GLRError(f"{f}: not a {INDEX_FORMAT} manifest; rebuild the index with this glr_nb")
+    if bad := _bad_field(m): raise GLRError(f"{f}: {bad}; rebuild the index with glr_index build")
     return m
 
 # %% ../nbs/11_predict.ipynb #98355f18
@@ -322,6 +345,10 @@ def build_index(s:IndexSettings, # what to index, and where
         raise GLRError(f"{root}: holds an index; pass --add to append to it, or --overwrite to move it aside")
     ix = LandmarkIndex(root, verify=False) if s.add else None
     dd, models = core.data_dir(s.data_dir).resolve(), _index_models(s, root, ix and ix.meta)
+    if s.stacker:                                           # a stacker made from other checkpoints: refused
+        from glr_nb.submit import check_stacker, made_from
+        mf = made_from({m: (c['source_digest'], c['weight']) for m, c in models.items()}, 0, False)
+        check_stacker(s.stacker, mf, log, keys=('models',))
     df, new = _new_images(image_table(dd, s.images), ix)
     parts = ix.meta['parts'] if ix else []
     if len(df):

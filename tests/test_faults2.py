@@ -222,3 +222,45 @@ def test_finished_run_with_other_settings_is_refused_and_a_noop_resume_rewrites_
         line = one_line(glr_train, [*argv, '--resume', 'latest'], capsys)
         assert 'split file random_valid_cv0.csv changed' in line, line
     finally: split.write_text(text)
+
+# ---------------------------------------------------------------- 3. parts that do not belong together
+def test_stacker_of_another_ensemble_is_refused(data, tmp_path, capsys):
+    "glr_submit / glr_index --stacker made from other checkpoints is refused before any work, naming what differs"
+    from glr_nb.submit import made_from
+    a, b = _checkpoint(tmp_path/'a.pth'), tmp_path/'b.pth'
+    b.write_bytes(a.read_bytes() + b'\0')                      # another file (another digest)
+    st = tmp_path/'stacker'
+    st.mkdir()
+    (st/'stacker.json').write_text(json.dumps(dict(format='glr_nb.stacker/2', key=dict(
+        made_from=made_from({'m1': (core.file_digest(a), 1.0)}, 3, True)))))
+    common = ['--data_dir', data, '--result_dir', tmp_path/'res', '--stacker', st, '--img_size', 32, '--device', 'cpu']
+    line = one_line(glr_submit, [*common, '--checkpoints', f'm1={b}', '--out_dir', tmp_path/'s1'], capsys)
+    assert f'{st}: a stacker made for another ensemble (models differ' in line, line
+    line = one_line(glr_submit, [*common, '--checkpoints', f'm1={a}', '--top_k', 2, '--out_dir', tmp_path/'s2'], capsys)
+    assert '(top_k differ' in line, line
+    assert not (tmp_path/'res'/'features').exists()            # refused before embedding anything
+    line = one_line(glr_index, ['build', '--out', tmp_path/'ix', '--data-dir', data, '--checkpoints', f'm1={b}',
+                                '--stacker', st, '--img_size', 32], capsys)
+    assert 'a stacker made for another ensemble (models differ' in line, line
+
+@pytest.mark.parametrize('spec,msg', [('m1=a.pth,m1=b.pth', "model name 'm1' is given twice"),
+                                      ('x=a.pth:0.5,y=a.pth:0.5', 'x and y are the same checkpoint'),
+                                      ('../m=a.pth', "model name '../m'")])
+def test_repeated_or_conflicting_checkpoint_names(spec, msg, data, tmp_path, capsys):
+    "A checkpoint list with a name twice, one file twice or a name that is a path is refused by glr_submit"
+    line = one_line(glr_submit, ['--data_dir', data, '--result_dir', tmp_path, '--checkpoints', spec], capsys)
+    assert msg in line, line
+
+MANIFEST_FIELDS = [('weight', -1, 'weight -1: not > 0'), ('img_size', '800', "img_size '800'"),
+                   ('file', None, 'file: not a string')]
+
+@pytest.mark.parametrize('field,value,msg', MANIFEST_FIELDS)
+def test_index_manifest_fields_checked(field, value, msg, tmp_path):
+    "index.json fields of the wrong type or range are one line naming the field"
+    from glr_nb.predict import read_manifest, INDEX_FORMAT
+    m = dict(format=INDEX_FORMAT, models={'m1': dict(file='models/m1.pth', source_digest='ab', weight=1.0,
+                                                     img_size=64)}, parts=[], gallery=None, stacker=None)
+    m['models']['m1'][field] = value
+    (tmp_path/'index.json').write_text(json.dumps(m))
+    with pytest.raises(core.GLRError, match='index.json: models.m1.') as e: read_manifest(tmp_path)
+    assert msg in str(e.value), e.value
