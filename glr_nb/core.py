@@ -11,11 +11,12 @@ import numpy as np
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['LIMITS', 'HEX_ID', 'GLRError', 'in_range', 'check_param', 'field_docs', 'Settings', 'parameters_cell', 'script',
-           'data_dir', 'result_dir', 'csv_line', 'check_ids', 'get_logger', 'atomic_write', 'save_json', 'save_csv',
-           'aside_path', 'atomic_dir', 'reserve', 'new_memmap', 'save_checkpoint', 'load_checkpoint', 'set_seed',
-           'get_device', 'default_device', 'file_digest', 'dist_rank_world', 'dist_barrier', 'init_distributed',
-           'end_distributed', 'rank_zero_first', 'release_pages']
+__all__ = ['LIMITS', 'HEX_ID', 'MARKER', 'GLRError', 'in_range', 'check_param', 'field_docs', 'Settings', 'parameters_cell',
+           'check_parameters', 'ScriptExit', 'script', 'data_dir', 'result_dir', 'csv_line', 'check_ids', 'get_logger',
+           'atomic_write', 'save_json', 'save_csv', 'aside_path', 'atomic_dir', 'folder_lock', 'job_lock', 'own_folder',
+           'reserve', 'new_memmap', 'save_checkpoint', 'load_checkpoint', 'set_seed', 'get_device', 'default_device',
+           'file_digest', 'sampled_crc', 'dist_rank_world', 'dist_barrier', 'init_distributed', 'end_distributed',
+           'rank_zero_first', 'release_pages']
 
 # %% ../nbs/00_core.ipynb #2dfce38c
 class GLRError(Exception):
@@ -142,12 +143,28 @@ def parameters_cell(cls,        # a `Settings` subclass
     w = max(len(a) for a, _ in lines)
     return '\n'.join(f"{a:<{w}}  # {doc}".rstrip(' #') for a, doc in lines)
 
+# %% ../nbs/00_core.ipynb #f4f5aabf
+_SHELL_NAMES = {'In', 'Out', 'get_ipython', 'exit', 'quit', 'open'}
+
+def check_parameters(ns:dict,    # the notebook's `globals()`, right after the parameters
+                     cls,        # its `Settings` class
+                     *extras):   # the notebook's own parameters
+    "`GLRError` naming each name in `ns` that is no parameter of the notebook, with the closest valid name"
+    import difflib, types
+    known = set(cls.names()) | set(extras)
+    bad = sorted(n for n, v in ns.items() if not n.startswith('_') and n not in known | _SHELL_NAMES
+                 and not isinstance(v, (types.ModuleType, type)) and not callable(v))
+    if not bad: return
+    hint = lambda n: (f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(n, known, 1)) else '')
+    raise GLRError(f"unknown parameter(s) {', '.join(repr(n) + hint(n) for n in bad)}: the parameters are the "
+                   f"fields of {cls.__name__}" + (f" and {', '.join(extras)}" if extras else ''))
+
 # %% ../nbs/00_core.ipynb #cf87c064
 class _Parser(argparse.ArgumentParser):
     "argparse with one-line errors"
     def error(self, message):
-        print(f"{self.prog}: error: {message}; see --help", file=sys.stderr)
-        sys.exit(2)
+        print(line := f"{self.prog}: error: {message}; see --help", file=sys.stderr)
+        raise ScriptExit(2, line)
 
 def _add_flag(p, name, anno, default, doc):
     "Add the flag of one parameter (plain type, bool, or fastcore `Param`) to parser `p`"
@@ -194,9 +211,17 @@ _OS_FIX = {errno.ENOSPC: 'no space left on the device; free some space or write 
 
 _INTERRUPTED = 'interrupted; finished work is kept, partial files removed (rerun to resume)'
 
+class ScriptExit(SystemExit):
+    "A console script's exit (code 2 or 130) carrying its one line: what a notebook kernel (papermill) reports"
+    def __init__(self, code, line):
+        super().__init__(code)
+        self.line = line
+    def __str__(self): return self.line
+
 def _die(prog, msg, code=2):
-    print(f"{prog}: error: {msg}" if code == 2 else f"{prog}: {msg}", file=sys.stderr)
-    sys.exit(code)
+    line = f"{prog}: error: {msg}" if code == 2 else f"{prog}: {msg}"
+    print(line, file=sys.stderr)
+    raise ScriptExit(code, line)
 
 def _run(f, prog, kw):
     "Call `f(**kw)`, turning user-side failures into one stderr line and an exit code"
@@ -393,6 +418,82 @@ def atomic_dir(path,            # the folder to create or replace
         get_logger().warning(f"{path}: the folder it replaced is kept as {dest}")
     elif old is not None: shutil.rmtree(old, ignore_errors=True)
 
+# %% ../nbs/00_core.ipynb #924be738
+def _lock_file(path)->Path:
+    p = Path(path).absolute()
+    return p.parent/f'.{p.name}.lock'
+
+def _holder(lf)->str:
+    try: return Path(lf).read_text().strip() or '?'
+    except OSError: return '?'
+
+def _flock(lf:Path, path, what)->int:
+    "An fd holding the exclusive lock on lock file `lf` (retaken when its holder removed the file meanwhile)"
+    import fcntl
+    while True:
+        fd = os.open(lf, os.O_RDWR | os.O_CREAT, 0o666)
+        try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise GLRError(f"{path}: {what} in use by another process (pid {_holder(lf)}); wait for it to finish "
+                           f"or use another folder (lock file {lf})") from None
+        try: same = os.fstat(fd).st_ino == os.stat(lf).st_ino
+        except FileNotFoundError: same = False
+        if same: return fd
+        os.close(fd)
+
+# %% ../nbs/00_core.ipynb #f01032a7
+@contextlib.contextmanager
+def folder_lock(path,            # the folder about to be written (need not exist yet)
+                what='folder'):  # what it is, for the message: run folder, index, submission folder...
+    "Hold an exclusive lock on folder `path` for the block; `GLRError` naming the holder's pid when another has it"
+    lf = _lock_file(path)
+    held = [p for p in os.environ.get('GLR_LOCKS', '').split(os.pathsep) if p]
+    if str(lf) in held:
+        yield lf
+        return
+    lf.parent.mkdir(parents=True, exist_ok=True)
+    fd = _flock(lf, path, what)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    os.environ['GLR_LOCKS'] = os.pathsep.join(held + [str(lf)])
+    try: yield lf
+    finally:
+        os.environ['GLR_LOCKS'] = os.pathsep.join(p for p in os.environ.get('GLR_LOCKS', '').split(os.pathsep)
+                                                  if p and p != str(lf))
+        with contextlib.suppress(OSError): os.unlink(lf)
+        os.close(fd)
+
+# %% ../nbs/00_core.ipynb #5275a7d2
+def job_lock(path, what='folder'):
+    "`folder_lock(path, what)` on rank 0 of a torchrun job (or outside one); a no-op context on the other ranks"
+    return folder_lock(path, what) if int(os.environ.get('RANK', 0)) == 0 else contextlib.nullcontext(Path(path))
+
+# %% ../nbs/00_core.ipynb #1152be33
+MARKER = '.glr_nb'
+
+def own_folder(path,            # folder a command is about to write into
+               what='folder',   # what it is for, in the message
+               known=(),        # file names that earlier glr_nb versions left there (manifests), proving it ours
+               overwrite=False, # move a folder of other files aside instead of refusing it
+               flag='--overwrite')->Path:
+    "Folder `path`, made (with a marker) when new or empty; `GLRError` when it holds files glr_nb did not write"
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise GLRError(f"{p}: a file is in the way where the {what} goes; move it or choose another path")
+    others = sorted(f.name for f in p.iterdir()) if p.is_dir() else []
+    if others and not ({MARKER, *known} & set(others)):
+        if not overwrite:
+            raise GLRError(f"{p}: holds files glr_nb did not write ({', '.join(others[:3])}"
+                           f"{', ...' if len(others) > 3 else ''}); choose a new or empty folder for the {what}"
+                           + (f", or pass {flag} to move them aside" if flag else ''))
+        dest = aside_path(p)
+        os.rename(p, dest)
+        get_logger().warning(f"{flag}: {p} moved to {dest}")
+    p.mkdir(parents=True, exist_ok=True)
+    if not (p/MARKER).exists(): (p/MARKER).write_text(f"written by glr_nb ({what})\n")
+    return p
+
 # %% ../nbs/00_core.ipynb #01f5b547
 def reserve(path,        # file to allocate (created if missing)
             nbytes:int): # bytes it must hold
@@ -494,12 +595,30 @@ def default_device():
     return get_device(None)
 
 # %% ../nbs/00_core.ipynb #8a308794
-def file_digest(path, n=1<<20):
-    "A short SHA-1 of a file's size and first `n` bytes: cheap identity for cache keys"
+def file_digest(path, full=1 << 30):
+    "A short SHA-1 of a file's whole content (above `full` bytes: its size and 256 blocks of 64 KiB spread over it)"
     p = Path(path)
-    h = hashlib.sha1(str(p.stat().st_size).encode())
-    with open(p, 'rb') as f: h.update(f.read(n))
+    size = p.stat().st_size
+    h = hashlib.sha1(str(size).encode())
+    with open(p, 'rb') as f:
+        if size <= full:
+            while b := f.read(1 << 24): h.update(b)
+        else:
+            for i in range(256):
+                f.seek((size - (1 << 16)) * i // 255)
+                h.update(f.read(1 << 16))
     return h.hexdigest()[:12]
+
+# %% ../nbs/00_core.ipynb #978cd503
+def sampled_crc(fd:int,         # an open file descriptor
+                size:int,       # the file's size
+                n=8, block=4096)->int:
+    "CRC-32 of `n` blocks of `block` bytes spread evenly over the file (first and last included; all of a small one)"
+    import zlib
+    if size <= n * block: return zlib.crc32(os.pread(fd, size, 0))
+    c = 0
+    for i in range(n): c = zlib.crc32(os.pread(fd, block, (size - block) * i // (n - 1)), c)
+    return c
 
 # %% ../nbs/00_core.ipynb #c0d0abda
 def dist_rank_world()->tuple:

@@ -15,9 +15,9 @@ from . import demo_data
 
 # %% auto #0
 __all__ = ['make_demo_dataset', 'DEMO_SIZES', 'SPLIT_FILES', 'read_gld_csv', 'read_train', 'read_train_clean', 'read_ids',
-           'read_recognition_solution', 'read_retrieval_solution', 'read_sample_submission', 'image_path',
-           'image_paths', 'split_v2c', 'split_v2x', 'nonlandmark_pool', 'validation_set', 'make_splits', 'split_ready',
-           'glr_split', 'synth_gld', 'bench_split']
+           'read_recognition_solution', 'read_retrieval_solution', 'read_sample_submission', 'read_split_csv',
+           'image_path', 'image_paths', 'split_v2c', 'split_v2x', 'nonlandmark_pool', 'validation_set', 'make_splits',
+           'split_ready', 'glr_split', 'synth_gld', 'bench_split']
 
 # %% ../nbs/01_data.ipynb #210c0624
 make_demo_dataset, DEMO_SIZES = demo_data.make_demo_dataset, demo_data.DEMO_SIZES
@@ -77,6 +77,32 @@ def read_retrieval_solution(path):  # raw/retrieval_solution_v2.1.csv
 def read_sample_submission(path):  # raw/sample_submission.csv (or a submission)
     "sample_submission.csv -> DataFrame[id, landmarks]"
     return read_gld_csv(path, {'id': str, 'landmarks': str})
+
+# %% ../nbs/01_data.ipynb #8bd20313
+_LABEL = r'-1|\d{1,18}'      # a class label or GLDv2 landmark id: -1 (non-landmark) or 0 .. 10**18 - 1 (int64)
+
+def read_split_csv(path,                    # a split CSV with a header line
+                   labels=('landmark_id',), # integer columns it must have (others are kept as pandas reads them)
+                   fix='re-run glr_split',  # what the user should do, for the message
+                   min_rows=1)->pd.DataFrame:
+    "A split CSV with valid ids and integer `labels` (int64); else `GLRError` naming file, line and `fix`"
+    path = Path(path)
+    if not path.is_file(): raise GLRError(f"{path}: not found; {fix}")
+    try: df = pd.read_csv(path, dtype={'id': str, **{c: str for c in labels}}, keep_default_na=False)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise GLRError(f"{path}: cannot read as CSV ({type(e).__name__}: {str(e).strip()}); {fix}") from None
+    miss = [c for c in ('id', *labels) if c not in df.columns]
+    if miss: raise GLRError(f"{path}: line 1: missing column(s) {miss} (header is {list(df.columns)}); {fix}")
+    if len(df) < min_rows: raise GLRError(f"{path}: {len(df)} data rows (header only), {min_rows} needed; {fix}")
+    check_ids(df['id'], str(path))
+    for c in labels:
+        bad = ~df[c].str.strip().str.fullmatch(_LABEL)
+        if bad.any():
+            i = int(np.flatnonzero(bad.to_numpy())[0])
+            raise GLRError(f"{path}: line {csv_line(path, i)}: {c} {df[c].iloc[i]!r} is not an integer label "
+                           f"(-1 or 0..10**18); {fix}")
+        df[c] = df[c].str.strip().astype(np.int64)
+    return df
 
 # %% ../nbs/01_data.ipynb #f4e80bd0
 def image_path(img_dir,  # an images/{train,test,index} folder

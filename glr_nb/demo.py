@@ -7,7 +7,7 @@ from __future__ import annotations
 import json, os, sys, time, shutil, tempfile
 from pathlib import Path
 import glr_nb
-from .core import GLRError, script, get_logger, save_json, parameters_cell
+from .core import GLRError, script, get_logger, save_json, parameters_cell, own_folder, job_lock
 from .submit import SubmitSettings
 
 # %% auto #0
@@ -77,24 +77,25 @@ def demo_models(data_dir,       # the demo dataset (`demo_data`)
                 seed=0, progress=True, log=None,
                 **kw)->str:     # overrides of `DEMO` (arches, img_size, epochs, lr, batch_size)
     "Train the demo's backbones with `90_train.ipynb` unless their runs are complete; the ensemble's checkpoints spec"
-    from glr_nb.train import run_complete
+    from glr_nb.train import run_complete, run_differs, TrainSettings, RUN_IDENTITY
     cfg, rd, log = {**DEMO, **kw}, Path(result_dir), log or get_logger('glr_demo')
     cks = {}
     for i, arch in enumerate(cfg['arches']):
         name = f"demo_{arch}_i{cfg['img_size']}"
         out = rd/'models'/name
         cks[f'm{i + 1}'] = out/'final.pth'
-        if run_complete(out):
+        p = dict(arch=arch, data_dir=str(data_dir), result_dir=str(rd), out_dir=name, epochs=cfg['epochs'],
+                 img_size=cfg['img_size'], eval_img_size=cfg['img_size'], batch_size=cfg['batch_size'],
+                 save_every_epoch=1.0, pretrained='none', lr=cfg['lr'], seed=seed)
+        diff = run_differs(out, TrainSettings.of(p), RUN_IDENTITY + ('epochs', 'batch_size', 'lr', 'eval_img_size'))
+        if run_complete(out) and not diff:
             log.info(f'{arch}: reusing the finished run {out}')
             continue
-        resume = 'latest' if (out/'run.json').is_file() else None     # a run killed midway continues where it stopped
+        resume = 'latest' if (out/'run.json').is_file() and not diff else None   # a killed run continues
+        if diff: log.warning(f"{out}: made with other settings ({'; '.join(diff)}); training again (moved aside)")
         log.info(f"training {arch}" + (' (resuming the unfinished run)' if resume else ''))
         nb = run_notebook(find_notebook('90_train.ipynb'), rd/'report'/f'90_train_{arch}.ipynb',
-                          dict(arch=arch, data_dir=str(data_dir), result_dir=str(rd), out_dir=name,
-                               epochs=cfg['epochs'], img_size=cfg['img_size'], eval_img_size=cfg['img_size'],
-                               batch_size=cfg['batch_size'], save_every_epoch=1.0, pretrained='none', lr=cfg['lr'],
-                               seed=seed, resume=resume),
-                          progress=progress)
+                          p | dict(resume=resume, overwrite=bool(diff)), progress=progress)
         if not run_complete(out): raise GLRError(f"{nb}: training did not finish the run in {out}")
     return ','.join(f'{m}={p}:{1 / len(cks)}' for m, p in cks.items())
 
@@ -122,7 +123,7 @@ def run_demo(out,                  # output folder: submission.csv, metrics.json
              **kw)->dict:          # overrides of `DEMO` and of `SubmitSettings`
     "Run the whole pipeline on the demo dataset through `91_submit.ipynb`; returns the metrics dict"
     out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    own_folder(out, 'demo', ('demo.log', 'metrics.json', 'submission.csv', 'report', 'data', 'models'), flag=None)
     log, t0 = get_logger('glr_demo', out/'demo.log'), time.time()
     sk = {k: v for k, v in kw.items() if k in SubmitSettings.names()}
     s = SubmitSettings.of({**DEMO_SUBMIT, **sk}, result_dir=str(out), out_dir=str(out),
@@ -147,5 +148,5 @@ def glr_demo(out:str=None,       # output folder (submission.csv, metrics.json, 
              epochs:int=None):   # training epochs per backbone (default DEMO['epochs'])
     "End to end on the embedded demo dataset: data, splits, two backbones, retrieval, re-rank, stacking, submission"
     if not out: raise GLRError("pass --out DIR")
-    m = run_demo(out, data_dir, seed, **({'epochs': epochs} if epochs else {}))
+    with job_lock(out, 'demo folder'): m = run_demo(out, data_dir, seed, **({'epochs': epochs} if epochs else {}))
     print(json.dumps({k: m[k] for k in ('gap_global', 'gap_rerank', 'gap_stacked')}))

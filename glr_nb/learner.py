@@ -528,6 +528,8 @@ def start_run(s:TrainSettings)->Run:
     rank, world, dev = init_distributed()
     if world > 1: dist.barrier()                                  # every rank has looked before anyone writes
     moved = take_run_dir(out, had, s.resume, s.overwrite, rank)
+    from glr_nb.core import own_folder
+    if rank == 0: own_folder(out, 'run folder', ('run.json', 'log.csv', 'train.log'), s.overwrite)   # not the user's
     if world > 1: dist.barrier()
     log = get_logger('glr_nb.train', out/'train.log' if rank == 0 else None)
     log.setLevel('WARNING' if rank != 0 or s.quiet else 'INFO')
@@ -552,10 +554,8 @@ def split_frames(data_dir, split_type='v2c', cv=0)->tuple:
     out = []
     for f in (d/f'random_train_cv{cv}.csv', d/f'random_valid_cv{cv}.csv'):
         if not f.is_file(): raise GLRError(f"{f}: split file not found; run `glr_split --data-dir {data_dir}` first")
-        df = pd.read_csv(f, dtype={'id': str})
-        if not {'id', 'landmark_id'} <= set(df.columns):
-            raise GLRError(f"{f}: line 1: expected columns id,landmark_id; re-run glr_split")
-        out.append(df)
+        from glr_nb.data import read_split_csv           # header only, a bad id or label: file, line and the fix
+        out.append(read_split_csv(f, ('landmark_id',), f"re-run glr_split --data-dir {data_dir}"))
     return tuple(out)
 
 def usable_images(paths,              # the image files of one set
@@ -564,7 +564,7 @@ def usable_images(paths,              # the image files of one set
                  )->np.ndarray:
     "Mask of the files that are there and not empty; `GLRError` with the count and three examples above `max_bad_frac`"
     from glr_nb.retrieval import file_stamps, check_unreadable
-    ok = file_stamps(paths)[:, 0] > 0
+    ok = file_stamps(paths, sample=False)[:, 0] > 0
     check_unreadable(np.flatnonzero(~ok), paths, max_bad_frac, what, 'missing or empty')
     return ok
 
@@ -604,6 +604,9 @@ def make_data(s:TrainSettings, run:Run, train_ds=None, valid_ds=None)->Data:
     for k, what in zip(miss, ('training', 'validation')):
         if k: run.log.warning(f"{k} {what} image(s) missing or empty: left out (max_bad_frac {s.max_bad_frac})")
     if not (s.num_classes or n): raise GLRError("num_classes is required when datasets are passed in")
+    if len(train_ds) < s.batch_size * run.world:                 # drop_last: not one step would run
+        raise GLRError(f"{len(train_ds)} usable training image(s), fewer than one step of --batch_size {s.batch_size}"
+                       f" x {run.world} process(es); lower --batch_size or add images")
     if s.num_classes and n and s.num_classes < n:
         raise GLRError(f"--num_classes {s.num_classes} is smaller than the split's {n} classes (labels 0..{n - 1}); "
                        "raise it or leave it out")

@@ -63,10 +63,11 @@ def read_solution_df(path)->pd.DataFrame:
     df = _read_csv(path, ['id', 'landmarks', 'Usage'])
     toks = df['landmarks'].str.split()
     flat = toks.explode().dropna()
-    bad = ~flat.str.fullmatch(r'\d+')
+    bad = ~flat.str.fullmatch(r'\d{1,18}')                     # past int64 is not a landmark id either
     if bad.any():
         i = bad.index[np.flatnonzero(bad.to_numpy())[0]]
-        raise GLRError(f"{path}: line {csv_line(path, i)}: landmark {flat[bad].iloc[0]!r} is not an integer id")
+        raise GLRError(f"{path}: line {csv_line(path, i)}: landmark {flat[bad].iloc[0]!r} is not an integer id "
+                       "(0..10**18)")
     df['landmarks'] = [list(map(int, t)) for t in toks]
     return df
 
@@ -86,7 +87,7 @@ def read_submission(path)->dict:
     df = df[df['landmarks'].str.strip() != '']
     parts = df['landmarks'].str.split(expand=True)
     if len(df) == 0: return {}
-    ok = (parts.shape[1] == 2) & parts[0].str.fullmatch(r'\d+') & parts.get(1, pd.Series(dtype=str)).notna()
+    ok = (parts.shape[1] == 2) & parts[0].str.fullmatch(r'\d{1,18}') & parts.get(1, pd.Series(dtype=str)).notna()
     score = pd.to_numeric(parts[1], errors='coerce') if parts.shape[1] > 1 else pd.Series(np.nan, index=df.index)
     bad = ~(ok.fillna(False)) | score.isna() | ~np.isfinite(score.fillna(np.nan))
     if parts.shape[1] > 2: bad |= parts[2].notna()
@@ -108,6 +109,9 @@ def score_files(submission, solution, usage=None)->dict:
         raise GLRError(f"--usage {usage!r}: {solution} has no such rows; use one of "
                        f"{', '.join(sorted(set(sol_df['Usage']) - {'Ignored'}))} or leave --usage out")
     sol = read_solution(solution, usage)
+    if not any(sol.values()):                                  # GAP divides by the landmark queries: none, no GAP
+        raise GLRError(f"{solution}: no {usage + ' ' if usage else ''}landmark queries to score ({len(sol)} scored "
+                       f"row(s) of {len(sol_df)}, the others Ignored or non-landmark); pass the full solution file")
     lm = [i for i, v in sol.items() if v]
     top1 = float(np.mean([i in sub and sub[i][0] in sol[i] for i in lm])) if lm else 0.
     return dict(n_queries=len(sol), n_landmark=len(lm), n_predicted=sum(i in sub for i in sol),

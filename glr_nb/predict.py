@@ -38,6 +38,28 @@ def image_table(data_dir,    # DATA_DIR with images/ and split/
     out = pd.DataFrame(dict(id=df['id'][keep], path=df['path'][keep], landmark=lm[keep].astype(np.int64)))
     return out.reset_index(drop=True)
 
+# %% ../nbs/11_predict.ipynb #7ff3a70a
+def _bad_field(m:dict)->str:
+    "The first field of index manifest `m` with a wrong type or value, in words ('' when all are sound)"
+    num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and bool(np.isfinite(v))
+    if not isinstance(m.get('models'), dict) or not m['models']: return "models: not a non-empty object"
+    for k, c in m['models'].items():
+        if not isinstance(c, dict): return f"models.{k}: not an object"
+        for f in ('file', 'source_digest'):
+            if not isinstance(c.get(f), str): return f"models.{k}.{f}: not a string"
+        if not (num(c.get('weight')) and c['weight'] > 0): return f"models.{k}.weight {c.get('weight')!r}: not > 0"
+        if not (isinstance(c.get('img_size'), int) and c['img_size'] >= 16):
+            return f"models.{k}.img_size {c.get('img_size')!r}: not an integer >= 16"
+    if not isinstance(m.get('parts'), list): return "parts: not a list"
+    for i, e in enumerate(m['parts']):
+        if not (isinstance(e, dict) and isinstance(e.get('dir'), str) and isinstance(e.get('crc'), dict)):
+            return f"parts[{i}]: not an object with dir and crc"
+        if not (isinstance(e.get('n'), int) and not isinstance(e['n'], bool) and e['n'] >= 0):
+            return f"parts[{i}].n {e.get('n')!r}: not an integer >= 0"
+    for k in ('gallery', 'stacker'):
+        if m.get(k) is not None and not isinstance(m[k], dict): return f"{k}: not an object or null"
+    return ''
+
 # %% ../nbs/11_predict.ipynb #d6a96ad3
 INDEX_FORMAT = 'glr_nb.index/1'
 _TRAINING_STATE = ('optimizer', 'scaler', 'sampler')   # checkpoint entries that only resuming a training run needs
@@ -58,6 +80,7 @@ def read_manifest(path)->dict:
         raise GLRError(f"{f}: damaged ({type(e).__name__}); rebuild the index with glr_index build") from None
     if not isinstance(m, dict) or m.get('format') != INDEX_FORMAT:
         raise GLRError(f"{f}: not a {INDEX_FORMAT} manifest; rebuild the index with this glr_nb")
+    if bad := _bad_field(m): raise GLRError(f"{f}: {bad}; rebuild the index with glr_index build")
     return m
 
 # %% ../nbs/11_predict.ipynb #98355f18
@@ -236,6 +259,7 @@ class IndexSettings(core.Settings):
     images: str = 'index'         # labelled images: index (every v2c image), train, val_index, or a split CSV
     gallery: str = 'nonlandmark'  # image set of the non-landmark gallery ('none': no gallery); a new index only
     add: bool = False             # append `images` to the index at --out: only ids it lacks, nothing re-embedded
+    overwrite: bool = False       # move what is at --out aside (timestamped sibling) and build a new index
     stacker: str = None           # a stacker folder saved by glr_submit (OUT/stacker) for glr_predict to apply
     img_size: int = None          # square size the models embed at (default: each checkpoint's eval_img_size)
     bs: int = 32                  # extraction batch size
@@ -313,10 +337,18 @@ def build_index(s:IndexSettings, # what to index, and where
     log = log or get_logger('glr_index')
     if not s.out: raise GLRError("pass --out DIR (the index folder)")
     root = Path(s.out)
+    if s.overwrite and not s.add and root.exists():
+        log.warning(f"--overwrite: {root} moved to {(old := core.aside_path(root))}")
+        os.rename(root, old)
+    if not s.add: core.own_folder(root, 'index', ('index.json', 'parts', 'models'))   # never into the user's files
     if not s.add and (root/'index.json').exists():
-        raise GLRError(f"{root}: holds an index; pass --add to append to it")
+        raise GLRError(f"{root}: holds an index; pass --add to append to it, or --overwrite to move it aside")
     ix = LandmarkIndex(root, verify=False) if s.add else None
     dd, models = core.data_dir(s.data_dir).resolve(), _index_models(s, root, ix and ix.meta)
+    if s.stacker:                                           # a stacker made from other checkpoints: refused
+        from glr_nb.submit import check_stacker, made_from
+        mf = made_from({m: (c['source_digest'], c['weight']) for m, c in models.items()}, 0, False)
+        check_stacker(s.stacker, mf, log, keys=('models',))
     df, new = _new_images(image_table(dd, s.images), ix)
     parts = ix.meta['parts'] if ix else []
     if len(df):
@@ -337,7 +369,9 @@ def glr_index(command:Param('build (--add: append to an index) or check', str, o
                             choices=['build', 'check'])='build',
               s:IndexSettings=None):  # what to index, and where (flags)
     "Build a landmark index for glr_predict from checkpoints and labelled images (--add appends); check verifies one"
-    if command == 'build': build_index(s)
+    if command == 'build':
+        if not s.out: raise GLRError("pass --out DIR (the index folder)")
+        with core.folder_lock(s.out, 'index'): build_index(s)           # --add: read, modify, write under it
     elif not s.out: raise GLRError("pass --out DIR (the index folder to check)")
     ix = LandmarkIndex(s.out)
     print(ix)

@@ -109,13 +109,21 @@ def _open_npy(path, n, dim, mode='r'):
     except Exception: return None
 
 # %% ../nbs/04_retrieval.ipynb #a1f3c2d4
-def file_stamps(paths)->np.ndarray:
-    "int64 [n, 2]: each file's size and modification time (ns); -1, -1 where it is missing"
-    out = np.full((len(paths), 2), -1, np.int64)
+def file_stamps(paths,
+                sample=True)->np.ndarray:  # also read the CRC of blocks spread over each file (`core.sampled_crc`)
+    "int64 [n, 3]: each file's size, modification time (ns) and sampled CRC (-1 unread); -1 rows where it is missing"
+    from glr_nb.core import sampled_crc
+    out = np.full((len(paths), 3), -1, np.int64)
     for i, p in enumerate(paths):
         try: st = os.stat(p)
         except OSError: continue
-        out[i] = st.st_size, st.st_mtime_ns
+        out[i, :2] = st.st_size, st.st_mtime_ns
+        if not sample: continue
+        try: fd = os.open(p, os.O_RDONLY)
+        except OSError: continue                         # unreadable: found out (and counted) when decoded
+        try: out[i, 2] = sampled_crc(fd, st.st_size)
+        except OSError: pass
+        finally: os.close(fd)
     return out
 
 def _stamp_digest(stamps, s, e):
@@ -609,17 +617,14 @@ def plot_gallery(cands:pd.DataFrame,  # candidates table
 # %% ../nbs/04_retrieval.ipynb #8ec530e6
 def image_set(data_dir, name:str)->pd.DataFrame:
     "DataFrame id, path (+ label, landmarks where known) of a named image set (or a split CSV) of a GLDv2 data folder"
-    from glr_nb.data import image_paths
-    from glr_nb.core import check_ids
+    from glr_nb.data import image_paths, read_split_csv
     d = Path(data_dir)
-    def _csv(p, **kw):
+    def _csv(p):                                        # empty, a bad id or label: one line naming file and line
         if not p.is_file():
-            fix = f"; run glr_split --data-dir {d} first" if 'split' in p.parts else ''
-            raise GLRError(f"{p}: not found{fix}")
-        df = pd.read_csv(p, dtype={'id': str}, keep_default_na=False, **kw)
-        if 'id' not in df.columns: raise GLRError(f"{p}: line 1: no id column; re-run glr_split or re-download it")
-        check_ids(df['id'], p)                          # a bad id is named with its file and line
-        return df
+            raise GLRError(f"{p}: not found" + (f"; run glr_split --data-dir {d} first" if 'split' in p.parts else ''))
+        fix = f"re-run glr_split --data-dir {d}" if 'split' in p.parts else 'restore or re-download it'
+        head = pd.read_csv(p, nrows=0).columns if p.stat().st_size else []
+        return read_split_csv(p, tuple(c for c in ('landmark_id',) if c in head), fix)
     if name == 'test': df = _csv(d/'raw'/'test.csv')[['id']].assign(subset='test')
     elif name == 'index': df = _csv(d/'split'/'train2020.csv').assign(subset='train')      # every v2c image
     elif name == 'train': df = _csv(d/'split'/'v2c'/'random_train_cv0.csv').assign(subset='train')

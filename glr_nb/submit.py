@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_submit.ipynb #9ed61569
 from __future__ import annotations
-import re, json, math, time, hashlib, contextlib, dataclasses
+import os, re, json, functools, math, time, hashlib, contextlib, dataclasses
 from pathlib import Path
 import numpy as np, pandas as pd
 from . import core
@@ -14,7 +14,7 @@ from .metrics import read_submission, read_solution, global_average_precision
 # %% auto #0
 __all__ = ['SETS', 'label_map', 'submission_frame', 'write_submission', 'parse_checkpoints', 'load_sets', 'embed_sets',
            'glr_extract', 'retrieve_lists', 'list_inliers', 'rerank_lists', 'SubmitSettings', 'cached_stage',
-           'SubmitRun', 'run_submit', 'glr_submit']
+           'made_from', 'check_stacker', 'SubmitRun', 'run_submit', 'glr_submit']
 
 # %% ../nbs/08_submit.ipynb #02f6b851
 def label_map(split:pd.DataFrame)->pd.Series:
@@ -52,6 +52,23 @@ def write_submission(pred, test_ids, labels, path)->Path:
     save_csv(submission_frame(pred, test_ids, labels), path)
     return Path(path)
 
+# %% ../nbs/08_submit.ipynb #acef9479
+def _checked_names(items:list)->list:
+    "`items` (name, path-or-(path, weight)) with distinct names made of letters, digits, _ . and -, and distinct paths"
+    seen, paths = {}, {}
+    for name, v in items:
+        if not re.fullmatch(r'[A-Za-z0-9_.-]+', str(name)):
+            raise GLRError(f"--checkpoints: model name {name!r}: use letters, digits, _ . and - only")
+        if name in seen: raise GLRError(f"--checkpoints: model name {name!r} is given twice; give each model one name")
+        seen[name] = v
+        m = None if isinstance(v, (tuple, list)) else re.fullmatch(_WEIGHTED, str(v), re.I)
+        p = str(v[0] if isinstance(v, (tuple, list)) else m[1] if m else v)
+        key = str(Path(p).resolve()) if Path(p).is_file() else p
+        if key in paths: raise GLRError(f"--checkpoints: {paths[key]} and {name} are the same checkpoint {p}; "
+                                        "list each model once (its weight sets its share)")
+        paths[key] = name
+    return items
+
 # %% ../nbs/08_submit.ipynb #888caa82
 _WEIGHTED = r'(.+):([-+]?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?|[-+]?nan|[-+]?inf)'   # path:weight (any number, to check it)
 
@@ -65,7 +82,7 @@ def parse_checkpoints(spec)->dict:
             name, _, rest = part.strip().rpartition('=')
             items.append((name or f'm{i}', rest))
     out = {}
-    for name, v in items:
+    for name, v in _checked_names(list(items)):
         if isinstance(v, (tuple, list)): path, w = v
         else:
             m = re.fullmatch(_WEIGHTED, str(v), re.I)
@@ -90,7 +107,8 @@ def embed_sets(ckpts:dict, sets:dict, cache_dir, img_size=800, bs=32, device=Non
     from glr_nb.retrieval import embed_checkpoint
     embed = lambda p, df, s: embed_checkpoint(p, df['path'].tolist(), df['id'].tolist(), cache_dir, s, img_size, bs,
                                               device, num_workers, progress=progress)[0]
-    return {s: {m: embed(p, df, s) for m, (p, w) in ckpts.items()} for s, df in sets.items()}
+    with core.job_lock(cache_dir, 'embedding cache'):
+        return {s: {m: embed(p, df, s) for m, (p, w) in ckpts.items()} for s, df in sets.items()}
 
 # %% ../nbs/08_submit.ipynb #1223c809
 @script
@@ -110,8 +128,9 @@ def glr_extract(checkpoint:str=None, # model checkpoint (.pth) written by glr_tr
     df = image_set(core.data_dir(data_dir), images)
     rank, _ = core.init_distributed(device)
     feats = core.result_dir(result_dir)/'features'
-    m, ids = embed_checkpoint(checkpoint, df['path'].tolist(), df['id'].tolist(), feats, images, img_size, bs, device,
-                              num_workers, chunk, max_bad_frac=max_bad_frac)
+    with core.job_lock(feats, 'embedding cache'):
+        m, ids = embed_checkpoint(checkpoint, df['path'].tolist(), df['id'].tolist(), feats, images, img_size, bs,
+                                  device, num_workers, chunk, max_bad_frac=max_bad_frac)
     if rank == 0: print(f"{images}: {m.shape[0]} x {m.shape[1]} embeddings in {m.filename}")
     core.end_distributed(code=0)
 
@@ -257,6 +276,7 @@ def _inputs(s, log):
     "Checkpoints, image sets, test solution and folders of a run"
     if not s.checkpoints: raise GLRError("no checkpoints: pass --checkpoints name=path[:weight],...")
     ck = parse_checkpoints(s.checkpoints)
+    if s.stacking and s.stacker: check_stacker(s.stacker, _made_from(s, ck), log)   # before any work
     core.get_device(s.device)                     # an unknown name or a GPU that is not there: refused before any work
     if s.rerank:
         from glr_nb.rerank import RANSAC_METHODS
@@ -319,6 +339,33 @@ def _votes(s, R, ids):
     if 'reranked' in R: out['rerank'] = _pred(ids, vote(R['reranked'], s.top_k))
     return {k_.rstrip('_'): v for k_, v in out.items()}
 
+# %% ../nbs/08_submit.ipynb #84f41ad8
+def _made_from(s, ck:dict)->dict:
+    "`made_from` of a run of settings `s` with checkpoints `ck` (name -> (path, weight))"
+    dig = lambda p: file_digest(p) if Path(p).is_file() else str(p)      # a named model (no file): its name
+    return made_from({m: (dig(p), w) for m, (p, w) in ck.items()}, s.top_k, s.rerank)
+
+def made_from(models:dict, # name -> (checkpoint digest, ensemble weight)
+              top_k:int, rerank:bool)->dict:
+    "What a stacker is made from: the ensemble's models (digest, weight), `top_k`, whether its lists were re-ranked"
+    return dict(models={m: dict(digest=d, weight=round(float(w), 6)) for m, (d, w) in models.items()},
+                top_k=int(top_k), rerank=bool(rerank))
+
+def check_stacker(path,      # a stacker folder (`save_stacker`)
+                  want:dict, # `made_from` of the lists it is about to score
+                  log=None,
+                  keys=('models', 'top_k', 'rerank')):  # what must agree
+    "`GLRError` when the stacker at `path` was made from another ensemble than `want` (a warning if it does not say)"
+    try: rec = (json.loads((Path(path)/'stacker.json').read_text()).get('key') or {}).get('made_from')
+    except (OSError, ValueError, AttributeError): rec = None                # load_stacker names what is wrong
+    if rec is None:
+        return (log or get_logger()).warning(f"{path}: the stacker does not record its ensemble; not checked")
+    if diff := [k_ for k_ in keys if rec.get(k_) != want.get(k_)]:
+        were = ', '.join(f"{m} {v.get('digest')}:{v.get('weight')}" for m, v in (rec.get('models') or {}).items())
+        raise GLRError(f"{path}: a stacker made for another ensemble ({', '.join(diff)} differ; it was made from "
+                       f"{were}, top_k {rec.get('top_k')}, rerank {rec.get('rerank')}); pass the checkpoints and "
+                       "settings it was made with, or leave --stacker out to train one")
+
 # %% ../nbs/08_submit.ipynb #79f09a52
 def _features(s, R, ids):
     "The stacker's features and top labels of one query set's lists"
@@ -330,14 +377,15 @@ def _stack_stage(s, out, R, sets, val_truth, log):
     from glr_nb.postprocess import train_stacker, save_stacker, load_stacker, stack_predict
     from glr_nb.retrieval import ids_sha1
     f_te, lab_te = _features(s, R['test'], sets['test']['id'])
+    mf = _made_from(s, parse_checkpoints(s.checkpoints))
     params = dict(min_child_samples=s.min_child_samples, num_threads=s.stack_threads)
     val = None
-    if s.stacker: st = load_stacker(s.stacker)
+    if s.stacker: st = load_stacker(s.stacker)             # made from this ensemble: checked by `_inputs`
     else:
         f_va, lab_va = _features(s, R['val'], sets['val_query']['id'])
         key = dict(v=1, feats=hashlib.sha1(pd.util.hash_pandas_object(f_va).to_numpy()).hexdigest(),
                    truth=ids_sha1(map(str, val_truth)), params=params, folds=s.stack_folds, models=s.stack_models,
-                   best=s.stack_best)
+                   best=s.stack_best, made_from=mf)
         st = load_stacker(out/'stacker', key) if (out/'stacker'/'stacker.json').is_file() else None
         if st is None:
             st = train_stacker(f_va, lab_va, val_truth, s.stack_folds, s.stack_models, s.stack_best, params)
@@ -382,7 +430,23 @@ def _write(s, out, preds, gaps, val_gaps, sets, sol, lab2lm, seconds, matcher):
              matcher=matcher, settings=s.asdict(), seconds=seconds)
     return sub, m
 
+# %% ../nbs/08_submit.ipynb #26dd51b8
+_SUBMIT_FILES = ('metrics.json', 'submit.log', 'submission.csv', 'stacker')
+
+def _holding_out_dir(f):
+    "Run `f(s, ...)` holding the lock of `s`'s output folder, made (or checked to be ours) first"
+    @functools.wraps(f)
+    def _f(s, *a, **kw):
+        rd = s.result_dir or os.environ.get('GLR_RESULT_DIR')
+        if not (s.out_dir or rd) or not s.checkpoints: return f(s, *a, **kw)   # refused inside, in its words
+        out = Path(s.out_dir or Path(rd)/'submit')
+        with core.job_lock(out, 'submission folder'):
+            if int(os.environ.get('RANK', 0)) == 0: core.own_folder(out, 'submission', _SUBMIT_FILES, flag=None)
+            return f(s, *a, **kw)
+    return _f
+
 # %% ../nbs/08_submit.ipynb #b899d373
+@_holding_out_dir
 def run_submit(s:SubmitSettings, # the run's settings
                log=None          # logger (default: 'glr_submit', also to OUT_DIR/submit.log)
               )->SubmitRun:

@@ -9,8 +9,9 @@ from pathlib import Path
 from .core import GLRError, Settings, script, save_json, get_logger, end_distributed
 
 # %% auto #0
-__all__ = ['TrainSettings', 'settings_argv', 'holds_run', 'take_run_dir', 'write_run_manifest', 'run_complete', 'find_checkpoint',
-           'resume_path', 'train', 'glr_train']
+__all__ = ['RUN_IDENTITY', 'TrainSettings', 'settings_argv', 'holds_run', 'take_run_dir', 'write_run_manifest', 'run_complete',
+           'split_digests', 'run_differs', 'find_checkpoint', 'resume_path', 'run_dir', 'run_lock', 'train',
+           'glr_train']
 
 # %% ../nbs/03_train.ipynb #42a3e88c
 @dataclasses.dataclass
@@ -70,6 +71,9 @@ class TrainSettings(Settings):
         self.amp = 'none' if self.amp is None else self.amp
         self.aug_version = '0' if self.aug_version is None else str(self.aug_version)
         super().__post_init__()
+        if self.batch_size == 1 and not self.freeze_bn and int(os.environ.get('WORLD_SIZE', 1)) == 1:
+            raise GLRError("batch_size = 1: BatchNorm cannot train on one image per step; use --batch_size 2 or more "
+                           "(or --freeze_bn)")
 
 # %% ../nbs/03_train.ipynb #b9333a75
 def settings_argv(s:Settings)->list:
@@ -104,7 +108,7 @@ def take_run_dir(out, had:str, resume=None, overwrite=False, rank=0)->Path|None:
 def write_run_manifest(out, s:Settings, complete:bool, **info):
     "Write `out/run.json` atomically: the settings, whether the run is complete, and `info`"
     from glr_nb import __version__
-    save_json(dict(complete=complete, **info, settings=s.asdict(), glr_nb=__version__,
+    save_json(dict(complete=complete, **info, settings=s.asdict(), splits=split_digests(s), glr_nb=__version__,
                    time=time.strftime('%Y-%m-%dT%H:%M:%S')), Path(out)/'run.json', default=str)
 
 def run_complete(out_dir)->bool:
@@ -113,6 +117,26 @@ def run_complete(out_dir)->bool:
     except (OSError, ValueError): return False
     if not isinstance(m, dict) or m.get('complete') is not True: return False
     return (Path(out_dir)/(m.get('final') or 'final.pth')).is_file()
+
+# %% ../nbs/03_train.ipynb #d8abedb3
+RUN_IDENTITY = ('arch', 'split_type', 'num_classes', 'seed', 'img_size', 'preprocessing', 'pretrained', 'model_file')
+
+def split_digests(s:TrainSettings)->dict:
+    "Content digests of the split files a run of `s` trains on ({} without a data folder)"
+    from glr_nb.core import file_digest
+    d = s.data_dir or os.environ.get('GLR_DATA_DIR')
+    fs = [Path(d)/'split'/s.split_type/f'random_{w}_cv0.csv' for w in ('train', 'valid')] if d else []
+    return {f.name: file_digest(f) for f in fs if f.is_file()}
+
+def run_differs(out, s:TrainSettings, names=RUN_IDENTITY)->list:
+    "What in `s` (settings `names`, split files) differs from the run recorded in `out/run.json`, as 'name was -> now'"
+    try: m = json.loads((Path(out)/'run.json').read_text())
+    except (OSError, ValueError): return []
+    was = m.get('settings') if isinstance(m, dict) else None
+    if not isinstance(was, dict): return ['run.json unreadable']
+    out = [f"{n} {was.get(n)!r} -> {getattr(s, n)!r}" for n in names if was.get(n) != getattr(s, n)]
+    new, old = split_digests(s), m.get('splits') or {}
+    return out + [f"split file {f} changed" for f in new if f in old and old[f] != new[f]]
 
 # %% ../nbs/03_train.ipynb #07d0dd7b
 def find_checkpoint(out)->Path|None:
@@ -130,6 +154,28 @@ def resume_path(out, resume)->Path|None:
         raise GLRError(f"{resume}: checkpoint not found (nor in {out}); pass latest, a file of the run or a path")
     return p
 
+# %% ../nbs/03_train.ipynb #189987e3
+def run_dir(s:TrainSettings)->Path:
+    "The run folder of settings `s`: RESULT_DIR/models/<out_dir>"
+    from glr_nb.core import result_dir
+    return result_dir(s.result_dir)/'models'/(s.out_dir or f'{s.split_type}_{s.arch}_i{s.img_size}')
+
+def run_lock(s:TrainSettings):
+    "The run folder's lock, taken by rank 0 of a job (a no-op context on the other ranks)"
+    from glr_nb.core import job_lock
+    return job_lock(run_dir(s), 'run folder')
+
+def _nothing_to_do(s:TrainSettings)->bool:
+    "Whether resuming the run of `s` has nothing left to do (complete to `s.epochs`); `GLRError` for other settings"
+    out = run_dir(s)
+    if diff := run_differs(out, s):
+        raise GLRError(f"{out}: the run was made with other settings ({'; '.join(diff)}); resume it with its own "
+                       "settings, or start again with --overwrite (no --resume)")
+    if not run_complete(out) or json.loads((out/'run.json').read_text()).get('epoch', -1) < s.epochs - 1e-9:
+        return False
+    get_logger('glr_train').warning(f"{out}: complete to epoch {s.epochs}; nothing to do, nothing rewritten")
+    return True
+
 # %% ../nbs/03_train.ipynb #9d4de0c7
 def train(s:TrainSettings=None,  # the run's settings (default TrainSettings()); keywords below change them
           train_ds=None,         # a Dataset of (x, y) to train on instead of the split's images
@@ -139,12 +185,14 @@ def train(s:TrainSettings=None,  # the run's settings (default TrainSettings());
     if 'num_workers' in kw: kw['workers'] = kw.pop('num_workers')      # its name before the settings
     s = TrainSettings.of({**(s or TrainSettings()).asdict(), **kw})
     from glr_nb import learner as L
-    run = L.start_run(s)
-    ck = L.resume_state(s, run)
-    data = L.make_data(s, run, train_ds, valid_ds)
-    raw, model = L.build_model(s, run, data.num_classes, ck)
-    learn = L.prepare_learner(s, run, raw, model, data, ck)
-    L.fit_run(s, run, learn)
+    with run_lock(s):
+        if s.resume not in (None, '') and _nothing_to_do(s): return None
+        run = L.start_run(s)
+        ck = L.resume_state(s, run)
+        data = L.make_data(s, run, train_ds, valid_ds)
+        raw, model = L.build_model(s, run, data.num_classes, ck)
+        learn = L.prepare_learner(s, run, raw, model, data, ck)
+        L.fit_run(s, run, learn)
     return learn
 
 # %% ../nbs/03_train.ipynb #b71fa0de
