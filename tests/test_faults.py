@@ -82,7 +82,7 @@ NUMBERS = [
     (glr_submit, ['--checkpoints', 'm1=a.pth:0'], 'weight 0.0 is out of range: allowed >0'),
     (glr_submit, ['--checkpoints', 'm1=a.pth:1,m2=b.pth:-0.5'], 'm2: weight -0.5 is out of range: allowed >0'),
     (glr_submit, ['--checkpoints', 'm1=a.pth', '--ransac', 'lmeds'], "--ransac 'lmeds': use one of degensac"),
-    (glr_submit, ['--checkpoints', 'm1=a.pth', '--matcher', 'orb'], "--matcher 'orb': use auto, superglue or sift"),
+    (glr_submit, ['--checkpoints', 'm1=a.pth', '--matcher', 'orb'], "--matcher 'orb': use auto, lightglue, xfeat, superglue, sift"),
     (glr_split, ['--valid_num', '0'], 'valid_num = 0 is out of range: allowed >=1'),
     (glr_split, ['--n_valid', '-3'], 'n_valid = -3 is out of range: allowed >=1'),
     (glr_bench, ['knn', '--n', '0'], 'n = 0 is out of range: allowed >=1'),
