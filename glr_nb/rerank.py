@@ -1251,9 +1251,10 @@ def bench_rerank(n_queries=8,        # queries
                  superpoint=None, superglue=None,  # weight files (None: random weights)
                  reference=True,     # also time the reference recipe
                  sift=True,          # also time SIFT `verify_pairs`
+                 learned=('lightglue', 'xfeat'),  # also time these learned matchers (trained weights, same size/budget)
                  compare_fp32=False, # also measure fp16 against fp32 (keypoints, matches, inliers)
                  seed=0)->list:
-    "Pairs/second of the reference re-rank recipe vs ours (and of SIFT `verify_pairs`); prints JSON lines"
+    "Pairs/second of the reference re-rank recipe vs ours (and of LightGlue, XFeat, SIFT); prints JSON lines"
     import tempfile
     dev = torch.device(device) if device else default_device()
     rows = []
@@ -1286,6 +1287,12 @@ def bench_rerank(n_queries=8,        # queries
         emit(recipe='ours', fp16=ours.fp16, seconds=round(t_ours, 3), pairs_per_s=round(len(pairs) / t_ours, 2),
              mean_inliers=round(float(inl.mean()), 2), **common)
         if reference: emit(recipe='speedup', value=round(t_ref / t_ours, 2), **common)
+        for name in learned:                                      # end to end as ours: extraction, matching, RANSAC
+            lm = make_matcher(name, size=size, max_keypoints=max_keypoints, device=dev, batch_size=batch_size)
+            verify_pairs(pairs[:2], lm)                                                            # warm-up
+            li, t_l = _timed(lambda: verify_pairs(pairs, lm, cache=Path(d)/f'{name}.sqlite', min_pool=1), dev)
+            emit(recipe=name, fp16=lm.half, seconds=round(t_l, 3), pairs_per_s=round(len(pairs) / t_l, 2),
+                 mean_inliers=round(float(li.mean()), 2), vs_superglue=round(t_ours / t_l, 2), **common)
         if compare_fp32:
             m16, m32 = (ours if ours.fp16 else mk(fp16=True, batch_size=batch_size)), mk(fp16=False,
                                                                                          batch_size=batch_size)
