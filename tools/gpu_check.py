@@ -222,15 +222,19 @@ def _exact(q, db, k):
         return best_i, 'numpy'
 
 def check_rerank(dev, z, tmp):
-    "SuperPoint + SuperGlue + homography: the reference's per-pair loop beside our batched verify_pairs, fp16 vs fp32"
+    "SuperPoint + SuperGlue: the reference's per-pair loop beside our batched one, fp16 vs fp32; LightGlue and XFeat"
     from glr_nb.rerank import bench_rerank
     rows = bench_rerank(n_queries=z['rr_queries'], n_neighbours=z['rr_nb'], n_db=max(5, z['rr_queries'] * z['rr_nb']),
                         size=z['rr_size'], max_keypoints=z['rr_kp'], device=dev, sift=False, compare_fp32=_gpu(dev))
     by = {r['recipe']: r for r in rows}
     ref, ours = by['reference'], by['ours']
     agree = by.get('fp16_vs_fp32', {})
+    learned = {n: by[n] for n in ('lightglue', 'xfeat')}                  # trained weights: real inliers expected
     ok = ours['pairs_per_s'] > 0 and (not _gpu(dev) or (agree.get('match_agreement') or 0) > 0.9)
+    ok = ok and all(r['pairs_per_s'] > 0 and r['mean_inliers'] > 0 for r in learned.values())
     return dict(ok=ok, pairs=ours['pairs'], size=z['rr_size'], max_keypoints=z['rr_kp'],
+                **{f'{n}_pairs_per_s': r['pairs_per_s'] for n, r in learned.items()},
+                **{f'{n}_vs_reference': round(r['pairs_per_s'] / ref['pairs_per_s'], 2) for n, r in learned.items()},
                 pairs_per_s=ours['pairs_per_s'], ref_pairs_per_s=ref['pairs_per_s'],
                 ratio=round(ours['pairs_per_s'] / ref['pairs_per_s'], 2),
                 estimator=ref.get('estimator'), fp16=ours.get('fp16'),
