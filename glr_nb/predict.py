@@ -4,7 +4,8 @@
 
 # %% ../nbs/11_predict.ipynb #d2ad4a93
 from __future__ import annotations
-import os, sys, glob, collections, html, json, time, zlib, atexit, base64, shutil, tempfile, warnings, dataclasses
+import io, os, sys, glob, html, json, time, zlib, atexit, base64, shutil, tempfile, warnings, dataclasses
+import contextlib, collections
 from pathlib import Path
 import numpy as np, pandas as pd
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -19,7 +20,7 @@ from .core import file_digest
 __all__ = ['INDEX_FORMAT', 'DEFAULT_MODEL', 'PHOTO_EXTS', 'image_table', 'read_manifest', 'Rows', 'LandmarkIndex',
            'IndexSettings', 'build_index', 'glr_index', 'find_photos', 'read_photo', 'folder_table', 'PredictSettings',
            'final_stage', 'Predictions', 'predict', 'photo_table', 'write_html', 'glr_predict', 'demo_photos',
-           'bench_search']
+           'bench_search', 'package_photo_set', 'bench_photos']
 
 # %% ../nbs/11_predict.ipynb #620d7177
 def image_table(data_dir,    # DATA_DIR with images/ and split/
@@ -770,3 +771,56 @@ def bench_search(folder,             # scratch folder for the tables (n x dim x 
         sec.append(time.perf_counter() - t)
     return dict(n=n, dim=dim, first_s=round(sec[0], 3), median_s=round(float(np.median(sec[1:])), 3),
                 best_s=round(min(sec[1:]), 3))
+
+# %% ../nbs/11_predict.ipynb #7d1412c7
+def package_photo_set(out,      # folder to write index/<landmark>/, gallery/, query/ and truth.json into
+                      seed=20):  # the views' seed
+    "The package-photo evaluation set; returns `{query file name: landmark name or None}`"
+    import zlib
+    from glr_nb import demo_data as D
+    out, truth = Path(out), {}
+    bases = {f"{Path(f).stem}_{int(b[0]*100)}": im for p, f, b in D.LANDMARK_PHOTOS
+             if (im := D.load_photo(p, f, b, long_side=512)) is not None}
+    bases |= {f'facade_{i}': D.facade(np.random.default_rng([7, i])) for i in range(20)}
+    scenes = [D.indoor, D.face, D.noise_scene]
+    nl = [x for p, f in D.NONLANDMARK_PHOTOS if (x := D.load_photo(p, f, long_side=512)) is not None]
+    nl += [scenes[i % 3](np.random.default_rng([9, i]), 320, 320) for i in range(24)]
+    def save(im, p):
+        p.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(im).save(p, quality=92)
+    view = lambda b, *key, hard=1.: D.render_view(b, np.random.default_rng([seed, *key]), (320, 480), hard)
+    for name, b in bases.items():
+        h = zlib.crc32(name.encode())
+        for v in range(2): save(view(b, 1, h, v, hard=.5), out/'index'/name/f'v{v}.jpg')
+        for v in range(2):
+            save(view(b, 2, h, v), out/'query'/f'{name}_q{v}.jpg')
+            truth[f'{name}_q{v}.jpg'] = name
+    for i, b in enumerate(nl):
+        if i % 2: save(view(b, 4, i), out/'gallery'/f'g{i}.jpg')
+        else:
+            save(view(b, 3, i), out/'query'/f'distractor_{i}.jpg')
+            truth[f'distractor_{i}.jpg'] = None
+    save_json(truth, out/'truth.json')
+    return truth
+
+# %% ../nbs/11_predict.ipynb #b81f25f3
+def bench_photos(folder,       # scratch folder (the set, the index)
+                 extra=(),     # more glr_index build flags, e.g. ('--checkpoints', 'm0=imagenet:tf_efficientnet_lite0')
+                 device=None)->dict:
+    "Top-1 and GAP of glr_index + glr_predict at their defaults on `package_photo_set` (printed as a JSON line)"
+    from glr_nb.metrics import global_average_precision
+    f = Path(folder)
+    truth = package_photo_set(f/'set')
+    dev = ['--device', device] if device else []
+    glr_index(['build', '--images', str(f/'set'/'index'), '--gallery', str(f/'set'/'gallery'),
+               '--out', str(f/'idx'), *extra, *dev])
+    with contextlib.redirect_stdout(io.StringIO()):
+        recs = glr_predict(['--index', str(f/'idx'), '--json', str(f/'set'/'query'), *dev]).records
+    preds = {Path(r['image']).name: (r['landmark'], r['score']) for r in recs if r['landmark'] is not None}
+    lq = [k for k, v in truth.items() if v]
+    res = dict(bench='photos', n_landmarks=len({truth[k] for k in lq}), n_landmark_queries=len(lq),
+               n_distractors=len(truth) - len(lq),
+               top1=round(sum(preds.get(k, (0,))[0] == truth[k] for k in lq)/len(lq), 4),
+               gap=round(global_average_precision(preds, {k: [v] if v else [] for k, v in truth.items()}), 4))
+    print(json.dumps(res))
+    return res
