@@ -818,9 +818,11 @@ def bench_photos(folder,       # scratch folder (the set, the index)
         recs = glr_predict(['--index', str(f/'idx'), '--json', str(f/'set'/'query'), *dev]).records
     preds = {Path(r['image']).name: (r['landmark'], r['score']) for r in recs if r['landmark'] is not None}
     lq = [k for k, v in truth.items() if v]
+    num = {n: i for i, n in enumerate(sorted({*filter(None, truth.values()), *(p[0] for p in preds.values())}))}
     res = dict(bench='photos', n_landmarks=len({truth[k] for k in lq}), n_landmark_queries=len(lq),
                n_distractors=len(truth) - len(lq),
                top1=round(sum(preds.get(k, (0,))[0] == truth[k] for k in lq)/len(lq), 4),
-               gap=round(global_average_precision(preds, {k: [v] if v else [] for k, v in truth.items()}), 4))
+               gap=round(global_average_precision({k: (num[n], sc) for k, (n, sc) in preds.items()},
+                                                   {k: [num[v]] if v else [] for k, v in truth.items()}), 4))
     print(json.dumps(res))
     return res
