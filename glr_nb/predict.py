@@ -4,7 +4,8 @@
 
 # %% ../nbs/11_predict.ipynb #d2ad4a93
 from __future__ import annotations
-import os, sys, glob, html, json, time, zlib, atexit, base64, shutil, tempfile, warnings, dataclasses
+import io, os, sys, glob, html, json, time, zlib, atexit, base64, shutil, tempfile, warnings, dataclasses
+import contextlib, collections
 from pathlib import Path
 import numpy as np, pandas as pd
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -16,9 +17,10 @@ from .core import new_memmap
 from .core import file_digest
 
 # %% auto #0
-__all__ = ['INDEX_FORMAT', 'PHOTO_EXTS', 'image_table', 'read_manifest', 'Rows', 'LandmarkIndex', 'IndexSettings', 'build_index',
-           'glr_index', 'find_photos', 'read_photo', 'PredictSettings', 'final_stage', 'Predictions', 'predict',
-           'photo_table', 'write_html', 'glr_predict', 'demo_photos', 'bench_search']
+__all__ = ['INDEX_FORMAT', 'DEFAULT_MODEL', 'PHOTO_EXTS', 'image_table', 'read_manifest', 'Rows', 'LandmarkIndex',
+           'IndexSettings', 'build_index', 'glr_index', 'find_photos', 'read_photo', 'folder_table', 'PredictSettings',
+           'final_stage', 'Predictions', 'predict', 'photo_table', 'write_html', 'glr_predict', 'demo_photos',
+           'bench_search', 'package_photo_set', 'bench_photos']
 
 # %% ../nbs/11_predict.ipynb #620d7177
 def image_table(data_dir,    # DATA_DIR with images/ and split/
@@ -219,6 +221,7 @@ def _open_parts(self:LandmarkIndex, verify):
     if not np.array_equal(lm['label'], np.arange(len(lm))) or self.labels.max(initial=-1) >= len(lm):
         raise GLRError(f"{self.root}: labels and landmark tables disagree; rebuild the index")
     self.landmarks = lm['landmark_id'].to_numpy(np.int64)
+    self.names = lm['name'].fillna(lm['landmark_id'].astype(str)).astype(str).to_numpy(object) if 'name' in lm else None
     self.tables = {m: _rows([p['embs'][m] for p in parts]) for m in self.models}
     self.ens = _rows([p['ens'] for p in parts]) if len(self.models) > 1 else next(iter(self.tables.values()))
 
@@ -250,14 +253,16 @@ def net(self:LandmarkIndex, name:str):
     return self._nets[name]
 
 # %% ../nbs/11_predict.ipynb #800c8b6c
+DEFAULT_MODEL = 'm0=imagenet:tf_efficientnet_lite2'   # no --checkpoints: ImageNet weights + GeM, no training
+
 @dataclasses.dataclass
 class IndexSettings(core.Settings):
     "Settings of `glr_index build`: which checkpoints embed which labelled images into which folder"
     out: str = None               # the index folder (with --add: an index to append to)
-    checkpoints: str = None       # the ensemble: name=path[:weight],... as glr_submit takes it (--add: the index's)
+    checkpoints: str = None       # the ensemble: name=path[:weight],... as glr_submit takes it (default: DEFAULT_MODEL)
     data_dir: str = None          # DATA_DIR with images/ and split/ (else $GLR_DATA_DIR)
-    images: str = 'index'         # labelled images: index (every v2c image), train, val_index, or a split CSV
-    gallery: str = 'nonlandmark'  # image set of the non-landmark gallery ('none': no gallery); a new index only
+    images: str = 'index'         # labelled images: a folder DIR/<landmark>/<photo>, or index, train, val_index, a CSV
+    gallery: str = 'nonlandmark'  # non-landmark gallery: a folder of photos, or an image set ('none': no gallery)
     add: bool = False             # append `images` to the index at --out: only ids it lacks, nothing re-embedded
     overwrite: bool = False       # move what is at --out aside (timestamped sibling) and build a new index
     stacker: str = None           # a stacker folder saved by glr_submit (OUT/stacker) for glr_predict to apply
@@ -272,7 +277,7 @@ def _index_models(s:IndexSettings, root:Path, old:dict)->dict:
     from glr_nb.submit import parse_checkpoints
     ck = parse_checkpoints(s.checkpoints) if s.checkpoints else None
     if old is None:
-        if ck is None: raise GLRError("no checkpoints: pass --checkpoints name=path[:weight],...")
+        ck = ck or parse_checkpoints(DEFAULT_MODEL)
         return {m: _copy_model(p, root/'models'/f'{m}.pth', w, s.img_size) for m, (p, w) in ck.items()}
     have = {m: c['source_digest'] for m, c in old['models'].items()}
     if ck is not None and {m: file_digest(p) for m, (p, w) in ck.items()} != have:
@@ -296,7 +301,17 @@ def _new_images(table:pd.DataFrame, ix:LandmarkIndex=None)->tuple:
     known = pd.Series(np.arange(len(ix.landmarks)), index=ix.landmarks) if ix else pd.Series([], dtype=np.int64)
     if ix is not None: table = table[~table['id'].isin(ix.ids)]
     lab, new = _labels(table['landmark'].reset_index(drop=True), known)
+    if 'name' in table: new['name'] = new['landmark_id'].map(dict(zip(table['landmark'], table['name'])))
     return pd.DataFrame(dict(id=table['id'].to_numpy(), path=table['path'].to_numpy(), label=lab)), new
+
+def _folder_images(s:IndexSettings, ix:LandmarkIndex=None, log=None)->pd.DataFrame:
+    "`id, path, landmark, name` of folder `s.images`: a landmark id per folder name (the index's own when it has it)"
+    t = folder_table(s.images, log=log)
+    names = dict(zip(ix.names, ix.landmarks)) if ix is not None and ix.names is not None else {}
+    nxt = max(ix.landmarks.max(initial=-1) + 1, 0) if ix is not None else 0
+    for n in pd.unique(t['name']):
+        if n not in names: names[n], nxt = nxt, nxt + 1
+    return t.assign(landmark=t['name'].map(names).astype(np.int64))
 
 # %% ../nbs/11_predict.ipynb #7c364de3
 def _stack_columns(n_models:int, top_k:int, ransac:bool, k=10)->set:
@@ -325,8 +340,10 @@ def _attach_stacker(root, src, n_models:int, gallery)->dict:
 def _gallery(root, dd, s:IndexSettings, models:dict)->dict:
     "The gallery part's manifest entry (its embeddings extracted), or None for `s.gallery` 'none'"
     from glr_nb.retrieval import image_set
-    if s.gallery in (None, '', 'none'): return None
-    g, d = image_set(dd, s.gallery)[['id', 'path']], Path(root)/'gallery'
+    if s.gallery in (None, '', 'none') or (dd is None and s.gallery == 'nonlandmark'): return None
+    own = Path(s.gallery).expanduser().is_dir()
+    g = folder_table(s.gallery, labelled=False)[['id', 'path']] if own else image_set(dd, s.gallery)[['id', 'path']]
+    d = Path(root)/'gallery'
     d.mkdir(parents=True, exist_ok=True)
     return _part_entry(root, d, g, None, _embed(root, models, g, d, s)) | dict(images=s.gallery)
 
@@ -344,12 +361,15 @@ def build_index(s:IndexSettings, # what to index, and where
     if not s.add and (root/'index.json').exists():
         raise GLRError(f"{root}: holds an index; pass --add to append to it, or --overwrite to move it aside")
     ix = LandmarkIndex(root, verify=False) if s.add else None
-    dd, models = core.data_dir(s.data_dir).resolve(), _index_models(s, root, ix and ix.meta)
+    own = Path(s.images).expanduser().is_dir()                # one folder per landmark: no DATA_DIR needed
+    need_dd = not own or not (s.gallery in (None, '', 'none', 'nonlandmark') or Path(s.gallery).expanduser().is_dir())
+    dd = core.data_dir(s.data_dir).resolve() if need_dd or s.data_dir else None
+    models = _index_models(s, root, ix and ix.meta)
     if s.stacker:                                           # a stacker made from other checkpoints: refused
         from glr_nb.submit import check_stacker, made_from
         mf = made_from({m: (c['source_digest'], c['weight']) for m, c in models.items()}, 0, False)
         check_stacker(s.stacker, mf, log, keys=('models',))
-    df, new = _new_images(image_table(dd, s.images), ix)
+    df, new = _new_images(_folder_images(s, ix, log) if own else image_table(dd, s.images), ix)
     parts = ix.meta['parts'] if ix else []
     if len(df):
         d = root/'parts'/f'{len(parts):05d}'
@@ -415,6 +435,44 @@ def read_photo(path,           # an image file in any format Pillow reads
         raise GLRError(f"{p}: unreadable, truncated or corrupt image ({type(e).__name__}: {e})") from None
     im.thumbnail((max_side, max_side), Image.BILINEAR)
     return im
+
+# %% ../nbs/11_predict.ipynb #59b17353
+def _readable(f:Path)->str|None:
+    "Why image file `f` is skipped (None: it is kept): the header is all that is read"
+    if f.suffix.lower() not in PHOTO_EXTS: return 'not an image'
+    if f.stat().st_size == 0: return 'empty file'
+    try:
+        with Image.open(f): return None
+    except Exception: return 'unreadable'
+
+def _path_id(rel)->str:
+    "A GLDv2-like 16-hex id of a file's path under its folder (caches keep ids whitespace-free)"
+    import hashlib
+    return hashlib.sha1(Path(rel).as_posix().encode()).hexdigest()[:16]
+
+def folder_table(folder,          # DIR/<landmark>/<image> (labelled), or any folder of photos (a gallery)
+                 labelled=True,   # one sub-folder per landmark; False: every image under `folder`, unlabelled
+                 log=None)->pd.DataFrame:
+    "`id, path, name` of the readable images under `folder`, the skipped ones counted in one log line"
+    root, skip, rows = Path(folder).expanduser(), collections.Counter(), []
+    if not root.is_dir(): raise GLRError(f"{folder}: no such folder")
+    for f in sorted(root.rglob('*')):
+        rel = f.relative_to(root)
+        if f.is_dir() or not (f.is_file() or f.is_symlink()): continue
+        if any(p.startswith('.') for p in rel.parts): skip['hidden file'] += 1
+        elif labelled and len(rel.parts) < 2: skip['not in a landmark folder'] += 1
+        elif (why := _readable(f)): skip[why] += 1
+        else: rows.append((_path_id(rel), str(f.resolve()), rel.parts[0] if labelled else ''))
+    if labelled:
+        have = {r[2] for r in rows}
+        skip['empty folder'] += sum(1 for d in root.iterdir() if d.is_dir() and not d.name.startswith('.')
+                                    and d.name not in have)
+    skip = {k: v for k, v in skip.items() if v}
+    if skip:
+        (log or get_logger('glr_index')).warning(f"{folder}: skipped " + ', '.join(f'{v} {k}' for k, v in skip.items()))
+    where = " in a landmark sub-folder (DIR/<landmark>/<photo>.jpg)" if labelled else ""
+    if not rows: raise GLRError(f"{folder}: no readable image{where}; put photos there")
+    return pd.DataFrame(rows, columns=['id', 'path', 'name'])
 
 # %% ../nbs/11_predict.ipynb #a5434913
 @dataclasses.dataclass
@@ -509,6 +567,11 @@ def _entry_inliers(R:dict)->np.ndarray:
     pos = (R['reranked'].idx[:, :, None] == R['merged'].idx[:, None, :]).argmax(2)
     return np.take_along_axis(R['inliers']['merged'], pos, 1)
 
+@patch
+def landmark_name(self:LandmarkIndex, label:int)->str:
+    "The name of label `label`: its folder name in an index of one's own photos, else its GLDv2 landmark id"
+    return str(self.names[label]) if self.names is not None else str(int(self.landmarks[label]))
+
 def _records(names:list, ix:LandmarkIndex, R:dict, final:tuple)->list:
     "The JSON-ready record of each photo"
     stage, label, score, nl = final
@@ -518,8 +581,10 @@ def _records(names:list, ix:LandmarkIndex, R:dict, final:tuple)->list:
                     inliers=None if inl is None else int(inl[i, c]))
                for c, (j, l, sc) in enumerate(zip(cl.idx[i], cl.label[i], cl.score[i])) if j >= 0]
         lm = int(ix.landmarks[label[i]]) if label[i] >= 0 else None
-        out.append(dict(image=str(name), landmark_id=None if nl[i] else lm, score=round(float(score[i]), 6),
-                        non_landmark=bool(nl[i] or lm is None), candidate=lm, stage=stage, neighbours=nbs))
+        nm = ix.landmark_name(label[i]) if label[i] >= 0 else None
+        out.append(dict(image=str(name), landmark_id=None if nl[i] else lm, landmark=None if nl[i] else nm,
+                        score=round(float(score[i]), 6), non_landmark=bool(nl[i] or lm is None), candidate=lm,
+                        candidate_landmark=nm, stage=stage, neighbours=nbs))
     return out
 
 # %% ../nbs/11_predict.ipynb #9ecc9d17
@@ -572,7 +637,7 @@ def photo_table(records:list)->pd.DataFrame:
     rows = []
     for r in records:
         nb = (r['neighbours'] or [dict(id=None, landmark_id=None, score=None, inliers=None)])[0]
-        rows.append(dict(image=r['image'], landmark='non-landmark' if r['non_landmark'] else r['landmark_id'],
+        rows.append(dict(image=r['image'], landmark='non-landmark' if r['non_landmark'] else r['landmark'],
                          score=r['score'], stage=r['stage'], neighbour=nb['id'], its_landmark=nb['landmark_id'],
                          its_score=nb['score'], inliers=nb['inliers']))
     return pd.DataFrame(rows)
@@ -740,3 +805,58 @@ def bench_search(folder,             # scratch folder for the tables (n x dim x 
         sec.append(time.perf_counter() - t)
     return dict(n=n, dim=dim, first_s=round(sec[0], 3), median_s=round(float(np.median(sec[1:])), 3),
                 best_s=round(min(sec[1:]), 3))
+
+# %% ../nbs/11_predict.ipynb #7d1412c7
+def package_photo_set(out,      # folder to write index/<landmark>/, gallery/, query/ and truth.json into
+                      seed=20):  # the views' seed
+    "The package-photo evaluation set; returns `{query file name: landmark name or None}`"
+    import zlib
+    from glr_nb import demo_data as D
+    out, truth = Path(out), {}
+    bases = {f"{Path(f).stem}_{int(b[0]*100)}": im for p, f, b in D.LANDMARK_PHOTOS
+             if (im := D.load_photo(p, f, b, long_side=512)) is not None}
+    bases |= {f'facade_{i}': D.facade(np.random.default_rng([7, i])) for i in range(20)}
+    scenes = [D.indoor, D.face, D.noise_scene]
+    nl = [x for p, f in D.NONLANDMARK_PHOTOS if (x := D.load_photo(p, f, long_side=512)) is not None]
+    nl += [scenes[i % 3](np.random.default_rng([9, i]), 320, 320) for i in range(24)]
+    def save(im, p):
+        p.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(im).save(p, quality=92)
+    view = lambda b, *key, hard=1.: D.render_view(b, np.random.default_rng([seed, *key]), (320, 480), hard)
+    for name, b in bases.items():
+        h = zlib.crc32(name.encode())
+        for v in range(2): save(view(b, 1, h, v, hard=.5), out/'index'/name/f'v{v}.jpg')
+        for v in range(2):
+            save(view(b, 2, h, v), out/'query'/f'{name}_q{v}.jpg')
+            truth[f'{name}_q{v}.jpg'] = name
+    for i, b in enumerate(nl):
+        if i % 2: save(view(b, 4, i), out/'gallery'/f'g{i}.jpg')
+        else:
+            save(view(b, 3, i), out/'query'/f'distractor_{i}.jpg')
+            truth[f'distractor_{i}.jpg'] = None
+    save_json(truth, out/'truth.json')
+    return truth
+
+# %% ../nbs/11_predict.ipynb #b81f25f3
+def bench_photos(folder,       # scratch folder (the set, the index)
+                 extra=(),     # more glr_index build flags, e.g. ('--checkpoints', 'm0=imagenet:tf_efficientnet_lite0')
+                 device=None)->dict:
+    "Top-1 and GAP of glr_index + glr_predict at their defaults on `package_photo_set` (printed as a JSON line)"
+    from glr_nb.metrics import global_average_precision
+    f = Path(folder)
+    truth = package_photo_set(f/'set')
+    dev = ['--device', device] if device else []
+    glr_index(['build', '--images', str(f/'set'/'index'), '--gallery', str(f/'set'/'gallery'),
+               '--out', str(f/'idx'), *extra, *dev])
+    with contextlib.redirect_stdout(io.StringIO()):
+        recs = glr_predict(['--index', str(f/'idx'), '--json', str(f/'set'/'query'), *dev]).records
+    preds = {Path(r['image']).name: (r['landmark'], r['score']) for r in recs if r['landmark'] is not None}
+    lq = [k for k, v in truth.items() if v]
+    num = {n: i for i, n in enumerate(sorted({*filter(None, truth.values()), *(p[0] for p in preds.values())}))}
+    res = dict(bench='photos', n_landmarks=len({truth[k] for k in lq}), n_landmark_queries=len(lq),
+               n_distractors=len(truth) - len(lq),
+               top1=round(sum(preds.get(k, (0,))[0] == truth[k] for k in lq)/len(lq), 4),
+               gap=round(global_average_precision({k: (num[n], sc) for k, (n, sc) in preds.items()},
+                                                   {k: [num[v]] if v else [] for k, v in truth.items()}), 4))
+    print(json.dumps(res))
+    return res

@@ -297,6 +297,7 @@ def checkpoint_key(ckpt, img_size:int)->dict:
     key = dict(digest=file_digest(ckpt), epoch=float(c.get('epoch', -1)), img_size=int(img_size),
                arch=str(c.get('arch', '')))
     if int(c.get('preprocessing', 1)) == 0: key['preprocessing'] = 0     # trained on pixels / 255
+    if c.get('imagenet'): key['imagenet'] = c['imagenet']               # arch, weights digest, size, views
     return key
 
 def check_unreadable(bad,              # rows whose images cannot be read

@@ -73,7 +73,7 @@ def _checked_names(items:list)->list:
 _WEIGHTED = r'(.+):([-+]?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?|[-+]?nan|[-+]?inf)'   # path:weight (any number, to check it)
 
 def parse_checkpoints(spec)->dict:
-    "`name -> (path, weight)` from 'name=path[:weight],...' or a dict name -> path | (path, weight)"
+    "`name -> (path, weight)` from 'name=path[:weight],...' (path `imagenet:ARCH`: a zero-training one) or a dict"
     from glr_nb.retrieval import DEFAULT_WEIGHTS
     if isinstance(spec, dict): items = spec.items()
     else:
@@ -90,6 +90,9 @@ def parse_checkpoints(spec)->dict:
         w = float(w) if w not in ('', None) else DEFAULT_WEIGHTS.get(name, 1.)
         if not (math.isfinite(w) and w > 0):
             raise GLRError(f"--checkpoints {name}: weight {w} is out of range: allowed >0 (leave the model out)")
+        if str(path).lower().startswith('imagenet:'):
+            from glr_nb.models import imagenet_checkpoint
+            path = imagenet_checkpoint(str(path)[9:])
         out[name] = (str(path), w)
     if not out: raise GLRError("no checkpoints given: pass name=path[:weight],...")
     return out
